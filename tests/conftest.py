@@ -1,0 +1,72 @@
+"""Session-wide fixtures: tiny real models and their tokenizer are built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run only where CUDA exists; everywhere else they are reported as skipped (not passed)."""
+    has_cuda = False
+    if _torch_available():
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    if has_cuda:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama teacher (untied head) with the char-level tokenizer, float32 weights."""
+    from lopd.server.tiny_models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_b_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same architecture and tokenizer as `tiny_llama_dir`, different weights: a different teacher."""
+    from lopd.server.tiny_models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-b"), "llama", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Qwen2 (tied embeddings, attention biases) with the same tokenizer."""
+    from lopd.server.tiny_models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tiny_llama_dir: Path) -> Path:
+    """The tokenizer shared by every tiny model (saved beside the Llama weights)."""
+    return tiny_llama_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
