@@ -1,0 +1,74 @@
+"""Where things live inside a store directory: the only module that builds store paths.
+
+    STORE/
+      lopd-store.json                 marks the directory as a store (format version)
+      <dataset>/
+        v1/, v2/, ...                 published, immutable versions
+          manifest.json               written last; a version without it does not exist
+          part-000000.parquet ...     shards, in dataset order
+          skipped.parquet             records left out by --on-bad-record skip (id, reason)
+        .staging/<run-key>/           an unfinished precompute run
+          plan.json
+          part-000000.parquet ...     finished parts (each published atomically)
+        .lock                         serialises version allocation and publishing
+
+Dataset names come from users and URLs, so they are validated here and never used to build a
+path before passing `validate_name`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lopd.errors import InvalidInput
+
+STORE_MARKER = "lopd-store.json"
+MANIFEST = "manifest.json"
+SKIPPED = "skipped.parquet"
+PLAN = "plan.json"
+STAGING = ".staging"
+LOCK = ".lock"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
+
+
+def validate_name(name: str) -> str:
+    if not _NAME_RE.match(name) or ".." in name:
+        raise InvalidInput(
+            f"invalid dataset name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:06d}.parquet"
+
+
+def version_dir_name(version: int) -> str:
+    return f"v{version}"
+
+
+def parse_version_dir(name: str) -> int | None:
+    m = _VERSION_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def dataset_dir(store: Path, name: str) -> Path:
+    return store / validate_name(name)
+
+
+def version_dir(store: Path, name: str, version: int) -> Path:
+    return dataset_dir(store, name) / version_dir_name(version)
+
+
+def staging_root(store: Path, name: str) -> Path:
+    return dataset_dir(store, name) / STAGING
+
+
+def staging_dir(store: Path, name: str, run_key: str) -> Path:
+    if not re.fullmatch(r"[0-9a-f]{16,64}", run_key):
+        raise InvalidInput(f"invalid run key {run_key!r}")
+    return staging_root(store, name) / run_key[:16]

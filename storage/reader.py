@@ -1,0 +1,174 @@
+"""Reading a store: its catalogue of datasets, and random access to a dataset version's samples.
+
+Readers take no lock and never write: they only look at published versions (a directory
+`vN/` with a `manifest.json`), which are immutable, so any number of processes can read while a
+precompute job is writing new parts or publishing a new version.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lopd.errors import Corrupt, InvalidInput, NotFound
+
+from . import layout
+from .manifest import FileEntry, Manifest, read_manifest
+from .publish import published_versions, sha256_file
+from .schema import COLUMNS, SAMPLE_SCHEMA
+
+
+class Store:
+    """A store directory: a catalogue of datasets, each with immutable versions."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not (self.root / layout.STORE_MARKER).is_file():
+            raise NotFound(f"{self.root} is not a lightning-opd store (no {layout.STORE_MARKER})")
+        marker = json.loads((self.root / layout.STORE_MARKER).read_text())
+        self.format_version = int(marker.get("format_version", 0))
+
+    def datasets(self) -> list[str]:
+        """Names of datasets with at least one published version (the catalogue)."""
+        names = []
+        for p in sorted(self.root.iterdir()):
+            if p.is_dir() and not p.name.startswith(".") and published_versions(self.root, p.name):
+                names.append(p.name)
+        return names
+
+    def versions(self, name: str) -> list[int]:
+        return published_versions(self.root, self._known(name))
+
+    def manifest(self, name: str, version: int | None = None) -> Manifest:
+        return self.open(name, version, verify=False).manifest
+
+    def open(self, name: str, version: int | None = None, *, verify: bool = True) -> Dataset:
+        """Open a dataset version (the latest by default); `verify` checks every file's sha256."""
+        versions = self.versions(name)
+        if version is None:
+            version = versions[-1]
+        elif version not in versions:
+            raise NotFound(f"dataset {name!r} has no version {version}; versions: {versions}")
+        ds = Dataset(layout.version_dir(self.root, name, version))
+        if verify:
+            ds.verify()
+        return ds
+
+    def _known(self, name: str) -> str:
+        # Look the name up in the catalogue: a name is never joined onto a path before this check.
+        layout.validate_name(name)
+        if name not in self.datasets():
+            raise NotFound(f"no dataset {name!r} in store {self.root}; datasets: {self.datasets()}")
+        return name
+
+
+class Dataset:
+    """One published version: manifest, integrity check, and random access by dataset index."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.manifest = read_manifest(path / layout.MANIFEST)
+        self._starts = np.array([f.first_index for f in self.manifest.files], dtype=np.int64)
+        self._lock = threading.Lock()
+        self._files: dict[int, pq.ParquetFile] = {}
+
+    def __len__(self) -> int:
+        return self.manifest.num_samples
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def shard_paths(self) -> list[Path]:
+        return [self.path / f.path for f in self.manifest.files]
+
+    def verify(self) -> None:
+        """Raise `Corrupt` naming the first file whose size or sha256 differs from the manifest."""
+        entries = list(self.manifest.files)
+        if self.manifest.coverage.skipped_file is not None:
+            entries.append(self.manifest.coverage.skipped_file)
+        for entry in entries:
+            _verify_file(self.path / entry.path, entry)
+
+    def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
+        cols = list(columns) if columns is not None else list(COLUMNS)
+        tables = [pq.read_table(p, columns=cols) for p in self.shard_paths()]
+        if not tables:
+            return SAMPLE_SCHEMA.empty_table().select(cols)
+        return pa.concat_tables(tables).replace_schema_metadata(None)
+
+    def take(self, indices: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> pa.Table:
+        """The samples at `indices` (dataset order numbers), in the order requested.
+
+        Reads only the row groups that hold them (64 samples each by default).
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        cols = list(columns) if columns is not None else list(COLUMNS)
+        if idx.size == 0:
+            return SAMPLE_SCHEMA.empty_table().select(cols)
+        n = len(self)
+        bad = idx[(idx < 0) | (idx >= n)]
+        if bad.size:
+            raise InvalidInput(f"index {int(bad[0])} is out of range for {self.name!r} v{self.version} (0..{n - 1})")
+        file_of = np.searchsorted(self._starts, idx, side="right") - 1
+        pieces: list[pa.Table] = []
+        positions = np.empty(idx.size, dtype=np.int64)
+        offset = 0
+        for f in np.unique(file_of):
+            sel = np.nonzero(file_of == f)[0]
+            local = idx[sel] - self._starts[f]
+            table, where = self._read_rows(int(f), local, cols)
+            pieces.append(table)
+            positions[sel] = offset + where
+            offset += table.num_rows
+        return pa.concat_tables(pieces).take(pa.array(positions)).replace_schema_metadata(None)
+
+    def _read_rows(self, file_index: int, local: np.ndarray, cols: list[str]) -> tuple[pa.Table, np.ndarray]:
+        """Read the row groups covering `local` rows; return them and each row's position in the result."""
+        pf = self._parquet(file_index)
+        md = pf.metadata
+        rg_starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+        rg_of = np.searchsorted(rg_starts, local, side="right") - 1
+        groups = np.unique(rg_of)
+        with self._lock:  # a ParquetFile is not meant to be shared between threads unguarded
+            table = pf.read_row_groups([int(g) for g in groups], columns=cols)
+        base = {int(g): int(sum(md.row_group(int(h)).num_rows for h in groups[:k])) for k, g in enumerate(groups)}
+        where = np.array([base[int(g)] + int(r - rg_starts[g]) for r, g in zip(local, rg_of)], dtype=np.int64)
+        return table, where
+
+    def _parquet(self, file_index: int) -> pq.ParquetFile:
+        with self._lock:
+            pf = self._files.get(file_index)
+            if pf is None:
+                pf = pq.ParquetFile(self.shard_paths()[file_index])
+                self._files[file_index] = pf
+            return pf
+
+    @cached_property
+    def row_lengths(self) -> np.ndarray:
+        """Response length of every sample, in dataset order (for length-aware batching)."""
+        table = self.read_all(columns=["response_ids"])
+        return pc.list_value_length(table["response_ids"]).to_numpy().astype(np.int64)
+
+
+def _verify_file(path: Path, entry: FileEntry) -> None:
+    if not path.is_file():
+        raise Corrupt(f"{path.name} is listed in the manifest of {path.parent} but missing")
+    size = path.stat().st_size
+    if size != entry.bytes:
+        raise Corrupt(f"{path}: {size} bytes, the manifest says {entry.bytes}: the shard is damaged")
+    digest = sha256_file(path)
+    if digest != entry.sha256:
+        raise Corrupt(f"{path}: sha256 {digest[:16]}… does not match the manifest ({entry.sha256[:16]}…)")

@@ -1,0 +1,112 @@
+"""The one definition of what a stored sample is, and how its columns are encoded on disk.
+
+Reader, writer, stats and (later) the HTTP API all take the columns from here, so there is a
+single source of truth for the store schema. `docs/store-format.md` describes the same thing
+for humans; change both together and bump `FORMAT_VERSION` on any incompatible change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from lopd.errors import InvalidInput
+
+FORMAT_VERSION = 1
+
+# Parquet's compliant nested naming (`<col>.list.element`) so every Parquet reader agrees on paths.
+_ELEMENT = "element"
+
+
+def _list_of(value_type: pa.DataType) -> pa.DataType:
+    return pa.list_(pa.field(_ELEMENT, value_type, nullable=False))
+
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("prompt_ids", _list_of(pa.int32()), nullable=False),
+        pa.field("response_ids", _list_of(pa.int32()), nullable=False),
+        pa.field("teacher_logprobs", _list_of(pa.float32()), nullable=False),
+        # Null when the rollouts came without the sampling policy's log-probs and none were computed.
+        pa.field("rollout_logprobs", _list_of(pa.float32()), nullable=True),
+    ]
+)
+COLUMNS: tuple[str, ...] = tuple(SAMPLE_SCHEMA.names)
+FLOAT_COLUMNS = ("teacher_logprobs", "rollout_logprobs")
+
+# Samples per row group: the unit of random access. Small enough that fetching one sample reads
+# ~64 sequences, not DuckDB's default 122,880 rows.
+ROW_GROUP_SAMPLES = 64
+
+# Log-probs: no dictionary (it makes float32 bigger than raw) and BYTE_STREAM_SPLIT, which puts the
+# sign/exponent bytes together so zstd can squeeze them; lossless. Token ids stay PLAIN + zstd:
+# BYTE_STREAM_SPLIT on INT32 saves ~6% more but older Parquet readers cannot decode it.
+PARQUET_WRITE_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "compression_level": 3,
+    "use_dictionary": ["sample_id"],
+    "column_encoding": {f"{c}.list.{_ELEMENT}": "BYTE_STREAM_SPLIT" for c in FLOAT_COLUMNS},
+    "write_statistics": ["sample_id"],
+    "row_group_size": ROW_GROUP_SAMPLES,
+}
+
+# Key-value metadata written into every shard's Parquet footer, so a shard found on its own still
+# says which run and teacher produced it (finalize checks these before publishing).
+META_FORMAT = b"lopd.format_version"
+META_RUN_KEY = b"lopd.run_key"
+META_TEACHER = b"lopd.teacher_fingerprint"
+META_PART = b"lopd.part_index"
+
+
+def build_table(
+    sample_ids: list[str],
+    prompt_ids: list[np.ndarray],
+    response_ids: list[np.ndarray],
+    teacher_logprobs: list[np.ndarray],
+    rollout_logprobs: list[np.ndarray | None],
+) -> pa.Table:
+    """Assemble samples into a table of `SAMPLE_SCHEMA`, checking the invariants readers rely on."""
+    n = len(sample_ids)
+    if not (len(prompt_ids) == len(response_ids) == len(teacher_logprobs) == len(rollout_logprobs) == n):
+        raise InvalidInput("columns have different numbers of samples")
+    for i in range(n):
+        r = len(response_ids[i])
+        if r == 0 or len(prompt_ids[i]) == 0:
+            raise InvalidInput(f"sample {sample_ids[i]!r}: empty prompt or response")
+        if len(teacher_logprobs[i]) != r:
+            raise InvalidInput(
+                f"sample {sample_ids[i]!r}: {len(teacher_logprobs[i])} teacher log-probs for {r} response tokens"
+            )
+        rl = rollout_logprobs[i]
+        if rl is not None and len(rl) != r:
+            raise InvalidInput(f"sample {sample_ids[i]!r}: {len(rl)} rollout log-probs for {r} response tokens")
+        if not np.all(np.isfinite(teacher_logprobs[i])):
+            raise InvalidInput(f"sample {sample_ids[i]!r}: non-finite teacher log-prob")
+    return pa.table(
+        {
+            "sample_id": pa.array(sample_ids, pa.string()),
+            "prompt_ids": _list_array(prompt_ids, np.int32),
+            "response_ids": _list_array(response_ids, np.int32),
+            "teacher_logprobs": _list_array(teacher_logprobs, np.float32),
+            "rollout_logprobs": _list_array(rollout_logprobs, np.float32),
+        },
+        schema=SAMPLE_SCHEMA,
+    )
+
+
+def _list_array(rows: list[Any], dtype: type) -> pa.ListArray:
+    """Build a list array from numpy rows without a Python loop over elements (None rows stay null)."""
+    lengths = np.fromiter((0 if r is None else len(r) for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    present = [np.asarray(r, dtype=dtype) for r in rows if r is not None]
+    values = np.concatenate(present) if present else np.zeros(0, dtype=dtype)
+    mask = np.fromiter((r is None for r in rows), dtype=bool, count=len(rows))
+    value_type = pa.from_numpy_dtype(np.dtype(dtype))
+    arr = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(values, value_type), mask=pa.array(mask) if mask.any() else None
+    )
+    return arr.cast(_list_of(value_type))

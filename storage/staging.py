@@ -1,0 +1,176 @@
+"""An unfinished precompute run: its plan and the parts finished so far.
+
+The plan fixes, before any scoring, which samples go into which part. Parts are the unit of work
+and of resumption: each is written atomically, so after a crash (even `kill -9` mid-write) a part
+either exists complete or not at all, and a re-run scores exactly the missing ones. Because the
+plan depends only on the inputs and settings (the run key), never on how many workers run or
+where a crash happened, every way of running the job produces the same parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
+
+from lopd.errors import Conflict, Corrupt
+
+from . import layout
+from .atomic import atomic_write, atomic_write_bytes, remove_stale_tmp
+from .manifest import Provenance
+from .schema import FORMAT_VERSION, META_FORMAT, META_PART, META_RUN_KEY, META_TEACHER, PARQUET_WRITE_OPTIONS
+
+log = logging.getLogger(__name__)
+
+
+class PartPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    index: int
+    num_samples: int
+    ids_sha256: str
+
+
+class RunPlan(BaseModel):
+    """Everything a worker needs to agree with every other worker of the same run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format_version: int = FORMAT_VERSION
+    run_key: str
+    dataset: str
+    samples_per_part: int
+    num_samples: int
+    input_records: int
+    parts: list[PartPlan]
+    skipped: list[tuple[str, str]]
+    provenance: Provenance
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(i.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def plan_parts(sample_ids: Sequence[str], samples_per_part: int) -> list[PartPlan]:
+    if samples_per_part < 1:
+        raise ValueError(f"samples_per_part is {samples_per_part}; it must be at least 1")
+    return [
+        PartPlan(
+            index=k,
+            num_samples=len(sample_ids[s : s + samples_per_part]),
+            ids_sha256=ids_digest(sample_ids[s : s + samples_per_part]),
+        )
+        for k, s in enumerate(range(0, len(sample_ids), samples_per_part))
+    ]
+
+
+def ensure_store(store: Path) -> None:
+    """Create the store directory and its marker if needed (idempotent, safe under races)."""
+    store.mkdir(parents=True, exist_ok=True)
+    marker = store / layout.STORE_MARKER
+    if not marker.exists():
+        atomic_write_bytes(marker, f'{{"format_version": {FORMAT_VERSION}}}\n'.encode())
+
+
+class Staging:
+    """The staging directory of one run (`<dataset>/.staging/<run-key>/`)."""
+
+    def __init__(self, store: Path, dataset: str, run_key: str) -> None:
+        self.store = store
+        self.dataset = dataset
+        self.run_key = run_key
+        self.dir = layout.staging_dir(store, dataset, run_key)
+
+    def part_path(self, index: int) -> Path:
+        return self.dir / layout.part_name(index)
+
+    def open(self, plan: RunPlan) -> RunPlan:
+        """Create the staging area with `plan`, or check that the one already there is the same plan."""
+        ensure_store(self.store)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(self.dir)
+        plan_path = self.dir / layout.PLAN
+        if plan_path.exists():
+            existing = read_plan(plan_path)
+            if existing != plan:
+                raise Conflict(
+                    f"{plan_path} holds a different plan for run {self.run_key[:16]}; "
+                    "the inputs changed under the same settings. Remove that directory to start over."
+                )
+            return existing
+        atomic_write_bytes(plan_path, plan.model_dump_json(indent=1).encode())
+        return plan
+
+    def completed_parts(self, plan: RunPlan) -> set[int]:
+        """Indices of parts already written and intact; a damaged part is deleted so it is redone."""
+        done: set[int] = set()
+        for part in plan.parts:
+            path = self.part_path(part.index)
+            if not path.exists():
+                continue
+            try:
+                check_part(path, part, plan)
+            except Corrupt as e:
+                log.warning("discarding damaged part, it will be scored again: %s", e)
+                path.unlink(missing_ok=True)
+                continue
+            done.add(part.index)
+        return done
+
+    def write_part(self, index: int, table: pa.Table, teacher_fingerprint: str) -> Path:
+        meta = {
+            META_FORMAT: str(FORMAT_VERSION).encode(),
+            META_RUN_KEY: self.run_key.encode(),
+            META_TEACHER: teacher_fingerprint.encode(),
+            META_PART: str(index).encode(),
+        }
+        table = table.replace_schema_metadata(meta)
+        path = self.part_path(index)
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp, **PARQUET_WRITE_OPTIONS))
+        return path
+
+
+def check_part(path: Path, part: PartPlan, plan: RunPlan) -> None:
+    """Raise `Corrupt` unless `path` is the complete part `part` of `plan`, scored by its teacher."""
+    try:
+        pf = pq.ParquetFile(path)
+        meta = pf.schema_arrow.metadata or {}
+        ids = pf.read(columns=["sample_id"]).column("sample_id").to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise Corrupt(f"{path}: unreadable Parquet ({e})") from e
+    if meta.get(META_RUN_KEY, b"").decode() != plan.run_key:
+        raise Corrupt(f"{path}: written by another run")
+    teacher = plan.provenance.teacher.fingerprint
+    if meta.get(META_TEACHER, b"").decode() != teacher:
+        raise Corrupt(f"{path}: scored by teacher {meta.get(META_TEACHER, b'?').decode()}, not {teacher}")
+    if len(ids) != part.num_samples or ids_digest(ids) != part.ids_sha256:
+        raise Corrupt(f"{path}: holds other samples than part {part.index} of the plan")
+
+
+def read_plan(path: Path) -> RunPlan:
+    try:
+        return RunPlan.model_validate_json(path.read_bytes())
+    except ValueError as e:
+        raise Corrupt(f"{path} is not a valid run plan: {e}") from e
+
+
+def list_staging_plans(store: Path, dataset: str) -> list[tuple[Path, RunPlan]]:
+    """Unfinished runs of a dataset, for progress reporting (damaged plans are skipped)."""
+    root = layout.staging_root(store, dataset)
+    out: list[tuple[Path, RunPlan]] = []
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            plan_path = d / layout.PLAN
+            if plan_path.is_file():
+                try:
+                    out.append((d, read_plan(plan_path)))
+                except Corrupt:
+                    continue
+    return out

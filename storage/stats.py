@@ -1,0 +1,211 @@
+"""Coverage and consistency statistics of a dataset, computed by DuckDB over the Parquet shards.
+
+Coverage answers "what is in here": samples scored and skipped (and why), token counts, length
+distribution, shards, bytes, and the progress of runs still writing. Consistency answers "can I
+train on this": the fingerprints and whether they match, the distribution of teacher
+log-probs, and, when the sampling policy's log-probs are stored, the mean per-token
+`rollout_logprob - teacher_logprob`, a Monte Carlo estimate of KL(rollout policy || teacher) on
+the rollouts. Under teacher consistency the SFT student imitates the teacher, so this is small;
+a teacher that did not produce the SFT data makes it grow.
+
+DuckDB runs in-memory and only reads the immutable published files, so stats never contend
+with a writer for a lock.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+from pydantic import BaseModel
+
+from . import layout
+from .publish import published_versions
+from .reader import Store
+from .staging import list_staging_plans
+
+UNLIKELY_LOGPROB = math.log(1e-4)  # tokens the teacher finds very unlikely
+_QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
+_HIST_FLOOR = -20  # histogram bins are [k, k+1) for k in -20..-1; lower values fall in the first bin
+
+
+class Distribution(BaseModel):
+    count: int
+    mean: float | None
+    min: float | None
+    max: float | None
+    quantiles: dict[str, float | None]
+
+
+class RunProgress(BaseModel):
+    run_key: str
+    parts_done: int
+    parts_total: int
+    samples_done: int
+    samples_total: int
+
+
+class CoverageStats(BaseModel):
+    dataset: str
+    version: int | None
+    input_records: int
+    scored: int
+    skipped: int
+    skipped_by_reason: dict[str, int]
+    num_prompt_tokens: int
+    num_response_tokens: int
+    response_length: Distribution | None
+    prompt_length: Distribution | None
+    shards: int
+    bytes: int
+    bytes_per_response_token: float | None
+    in_progress: list[RunProgress]
+
+
+class HistogramBin(BaseModel):
+    lo: float
+    hi: float
+    count: int
+
+
+class RolloutVsTeacher(BaseModel):
+    tokens: int
+    mean_rollout_logprob: float
+    mean_teacher_logprob: float
+    kl_rollout_teacher_estimate: float
+
+
+class ConsistencyStats(BaseModel):
+    dataset: str
+    version: int
+    verdict: Literal["consistent", "inconsistent"]
+    teacher_consistent: bool
+    mismatch_allowed: bool
+    teacher_fingerprint: str
+    sft_teacher_fingerprint: str
+    tokenizer_fingerprint: str
+    rollout_tokenizer_fingerprint: str | None
+    rollout_tokenizer_checked: bool
+    rollout_policy_fingerprint: str | None
+    temperature: float
+    teacher_logprobs: Distribution
+    teacher_logprob_histogram: list[HistogramBin]
+    share_below_log_1e_4: float | None
+    rollout_vs_teacher: RolloutVsTeacher | None
+
+
+def _distribution(con: duckdb.DuckDBPyConnection, expr_sql: str, params: list[object]) -> Distribution:
+    qs = ", ".join(f"quantile_cont(x, {q})" for q in _QUANTILES)
+    row = con.execute(f"SELECT count(x), avg(x), min(x), max(x), {qs} FROM ({expr_sql})", params).fetchone()
+    assert row is not None  # an aggregate always returns one row
+    count, mean, lo, hi, *qv = row
+    return Distribution(
+        count=int(count),
+        mean=None if mean is None else float(mean),
+        min=None if lo is None else float(lo),
+        max=None if hi is None else float(hi),
+        quantiles={f"p{round(q * 100)}": (None if v is None else float(v)) for q, v in zip(_QUANTILES, qv)},
+    )
+
+
+def _progress(store: Path, name: str) -> list[RunProgress]:
+    out = []
+    for d, plan in list_staging_plans(store, name):
+        done = [p for p in plan.parts if (d / f"part-{p.index:06d}.parquet").exists()]
+        out.append(
+            RunProgress(
+                run_key=plan.run_key,
+                parts_done=len(done),
+                parts_total=len(plan.parts),
+                samples_done=sum(p.num_samples for p in done),
+                samples_total=plan.num_samples,
+            )
+        )
+    return out
+
+
+def coverage(store_root: str | Path, name: str, version: int | None = None) -> CoverageStats:
+    store = Store(store_root)
+    exists = layout.dataset_dir(store.root, name).is_dir()
+    progress = _progress(store.root, name) if exists else []
+    if not (exists and published_versions(store.root, name)):
+        if progress:  # nothing published yet, but a run is writing: report its progress
+            return CoverageStats(
+                dataset=name, version=None, input_records=0, scored=0, skipped=0, skipped_by_reason={},
+                num_prompt_tokens=0, num_response_tokens=0, response_length=None, prompt_length=None,
+                shards=0, bytes=0, bytes_per_response_token=None, in_progress=progress,
+            )  # fmt: skip
+        store.versions(name)  # raises NotFound with the catalogue in the message
+    ds = store.open(name, version, verify=False)
+    m = ds.manifest
+    files = [str(p) for p in ds.shard_paths()]
+    con = duckdb.connect()
+    src = "SELECT len({col}) AS x FROM read_parquet(?)"
+    resp = _distribution(con, src.format(col="response_ids"), [files]) if files else None
+    prompt = _distribution(con, src.format(col="prompt_ids"), [files]) if files else None
+    total_bytes = sum(f.bytes for f in m.files)
+    return CoverageStats(
+        dataset=name,
+        version=m.version,
+        input_records=m.coverage.input_records,
+        scored=m.coverage.scored,
+        skipped=m.coverage.skipped,
+        skipped_by_reason=m.coverage.skipped_by_reason,
+        num_prompt_tokens=m.num_prompt_tokens,
+        num_response_tokens=m.num_response_tokens,
+        response_length=resp,
+        prompt_length=prompt,
+        shards=len(m.files),
+        bytes=total_bytes,
+        bytes_per_response_token=(total_bytes / m.num_response_tokens) if m.num_response_tokens else None,
+        in_progress=progress,
+    )
+
+
+def consistency(store_root: str | Path, name: str, version: int | None = None) -> ConsistencyStats:
+    store = Store(store_root)
+    ds = store.open(name, version, verify=False)
+    m, prov = ds.manifest, ds.manifest.provenance
+    files = [str(p) for p in ds.shard_paths()]
+    con = duckdb.connect()
+    tokens_sql = "SELECT unnest(teacher_logprobs) AS x FROM read_parquet(?)"
+    dist = _distribution(con, tokens_sql, [files])
+    hist_rows = con.execute(
+        f"SELECT greatest(floor(x), {_HIST_FLOOR}) AS b, count(*) FROM ({tokens_sql}) GROUP BY b ORDER BY b", [files]
+    ).fetchall()
+    hist = [HistogramBin(lo=float(b), hi=float(b) + 1, count=int(c)) for b, c in hist_rows]
+    below_row = con.execute(f"SELECT avg((x < {UNLIKELY_LOGPROB})::DOUBLE) FROM ({tokens_sql})", [files]).fetchone()
+    below = below_row[0] if below_row else None
+    rvt_row = con.execute(
+        "SELECT sum(len(rollout_logprobs)), sum(list_sum(rollout_logprobs)), sum(list_sum(teacher_logprobs)) "
+        "FROM read_parquet(?) WHERE rollout_logprobs IS NOT NULL",
+        [files],
+    ).fetchone()
+    rvt = None
+    if rvt_row and rvt_row[0]:
+        n, sr, st = int(rvt_row[0]), float(rvt_row[1]), float(rvt_row[2])
+        rvt = RolloutVsTeacher(
+            tokens=n, mean_rollout_logprob=sr / n, mean_teacher_logprob=st / n, kl_rollout_teacher_estimate=(sr - st) / n
+        )
+    c = prov.consistency
+    return ConsistencyStats(
+        dataset=name,
+        version=m.version,
+        verdict=c.verdict,
+        teacher_consistent=c.teacher_consistent,
+        mismatch_allowed=c.mismatch_allowed,
+        teacher_fingerprint=prov.teacher.fingerprint,
+        sft_teacher_fingerprint=prov.sft_teacher_fingerprint,
+        tokenizer_fingerprint=prov.tokenizer_fingerprint,
+        rollout_tokenizer_fingerprint=prov.rollout_tokenizer_fingerprint,
+        rollout_tokenizer_checked=c.rollout_tokenizer_checked,
+        rollout_policy_fingerprint=prov.rollout_policy.fingerprint if prov.rollout_policy else None,
+        temperature=prov.temperature,
+        teacher_logprobs=dist,
+        teacher_logprob_histogram=hist,
+        share_below_log_1e_4=None if below is None else float(below),
+        rollout_vs_teacher=rvt,
+    )
+
