@@ -38,7 +38,9 @@ class RolloutSource(_Model):
     paths: list[str]
     fingerprint: str = Field(description="sha256 over the rollout input files' bytes.")
     records: int = Field(description="Records read from the input, valid or not.")
-    retokenized: int = Field(description="Valid records given as text and tokenized here (may differ from sampled ids).")
+    retokenized: int = Field(
+        description="Valid records given as text and tokenized here (ids may differ from sampled)."
+    )
 
 
 class Consistency(_Model):

@@ -187,7 +187,10 @@ def consistency(store_root: str | Path, name: str, version: int | None = None) -
     if rvt_row and rvt_row[0]:
         n, sr, st = int(rvt_row[0]), float(rvt_row[1]), float(rvt_row[2])
         rvt = RolloutVsTeacher(
-            tokens=n, mean_rollout_logprob=sr / n, mean_teacher_logprob=st / n, kl_rollout_teacher_estimate=(sr - st) / n
+            tokens=n,
+            mean_rollout_logprob=sr / n,
+            mean_teacher_logprob=st / n,
+            kl_rollout_teacher_estimate=(sr - st) / n,
         )
     c = prov.consistency
     return ConsistencyStats(
@@ -208,4 +211,3 @@ def consistency(store_root: str | Path, name: str, version: int | None = None) -
         share_below_log_1e_4=None if below is None else float(below),
         rollout_vs_teacher=rvt,
     )
-
