@@ -64,7 +64,13 @@ class Provenance(_Model):
     sft_teacher_source: str | None = Field(description="The path given for it, or null when a fingerprint was given.")
     rollout_policy: ModelRef | None = None
     rollout_tokenizer_fingerprint: str | None = None
-    rollout_logprobs_source: Literal["input", "rollout_policy", "mixed", "none"]
+    rollout_logprobs_source: Literal["input", "rollout_policy", "mixed", "none"] = Field(
+        description="Where `rollout_logprobs` came from: the input records, the --rollout-policy model, "
+        "both (some records had them), or nowhere (the column is null)."
+    )
+    rollout_temperature: float | None = Field(
+        default=None, description="Sampling temperature used when computing rollout log-probs with the policy."
+    )
     rollouts: RolloutSource
     backend: str
     dtype: str

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
+from lopd._faults import crash_point
 from lopd.errors import Conflict, Corrupt
 
 from . import layout
@@ -99,7 +100,10 @@ class Staging:
         plan_path = self.dir / layout.PLAN
         if plan_path.exists():
             existing = read_plan(plan_path)
-            if existing != plan:
+            # Provenance paths may differ between workers (other mounts, other cwd); what must agree is
+            # the run key (inputs and settings) and the partition of samples into parts.
+            same = (existing.run_key, existing.parts, existing.skipped) == (plan.run_key, plan.parts, plan.skipped)
+            if not same:
                 raise Conflict(
                     f"{plan_path} holds a different plan for run {self.run_key[:16]}; "
                     "the inputs changed under the same settings. Remove that directory to start over."
@@ -133,7 +137,13 @@ class Staging:
         }
         table = table.replace_schema_metadata(meta)
         path = self.part_path(index)
-        atomic_write(path, lambda tmp: pq.write_table(table, tmp, **PARQUET_WRITE_OPTIONS))
+
+        def write(tmp: Path) -> None:
+            pq.write_table(table, tmp, **PARQUET_WRITE_OPTIONS)
+            crash_point("during_part_write")
+
+        atomic_write(path, write)
+        crash_point("after_part")
         return path
 
 

@@ -1,0 +1,363 @@
+"""The precompute job: score SFT-policy rollouts once with the teacher, into the store.
+
+Read top to bottom it is the pipeline: check teacher consistency (before any weights are
+loaded), scan and validate the rollouts, fix a plan of parts, score this worker's missing parts,
+and publish when every part exists. Everything that can be refused is refused before anything is
+written. Workers (`num_shards`, `shard_index`) split the same plan, so any number of them, killed
+and restarted in any way, produce the same dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import lopd
+from lopd.errors import BadRecords, InvalidInput, TeacherMismatch, TokenizerMismatch
+from lopd.fingerprint import (
+    is_fingerprint,
+    model_fingerprint,
+    resolve_model_fingerprint,
+    short_fingerprint,
+    tokenizer_fingerprint,
+)
+from lopd.storage import layout
+from lopd.storage.manifest import Consistency, Manifest, ModelRef, Provenance, RolloutSource
+from lopd.storage.publish import find_published_run, missing_parts, publish
+from lopd.storage.schema import FORMAT_VERSION, build_table
+from lopd.storage.staging import RunPlan, Staging, plan_parts
+
+from .rollouts import RolloutScan, expand_rollout_paths, load_rollouts, scan_rollouts
+
+log = logging.getLogger(__name__)
+
+CONSISTENCY_HELP = (
+    "Lightning OPD is only unbiased under teacher consistency: the teacher that scores the rollouts must be "
+    "the model that generated the student's SFT data. With another teacher the policy gradient carries an "
+    "irreducible bias and training converges to a worse point (Lightning OPD, arXiv 2604.13010, Sec. 3)."
+)
+
+
+@dataclass
+class PrecomputeConfig:
+    rollouts: list[Path]
+    teacher: Path
+    sft_teacher: str
+    store: Path
+    dataset: str
+    backend: str = "transformers"
+    device: str = "cpu"
+    dtype: str = "float32"
+    temperature: float = 1.0
+    allow_teacher_mismatch: bool = False
+    rollout_policy: Path | None = None
+    rollout_tokenizer: str | None = None
+    rollout_temperature: float = 1.0
+    num_shards: int = 1
+    shard_index: int = 0
+    on_bad_record: Literal["stop", "skip"] = "stop"
+    samples_per_part: int = 1024
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 256
+    progress: bool = True
+    publish: bool = True
+
+
+@dataclass
+class PrecomputeResult:
+    status: Literal["published", "already_published", "waiting_for_workers"]
+    dataset: str
+    run_key: str
+    manifest: Manifest | None = None
+    parts_scored: int = 0
+    parts_missing: list[int] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+
+def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
+    _validate_config(cfg)
+    notices: list[str] = []
+
+    # 1. Teacher consistency and tokenizer agreement, from files only: refuse before loading weights.
+    teacher_fp = model_fingerprint(cfg.teacher)
+    sft_fp = resolve_model_fingerprint(cfg.sft_teacher)
+    consistent = teacher_fp == sft_fp
+    if not consistent and not cfg.allow_teacher_mismatch:
+        raise TeacherMismatch(
+            f"refusing to score with teacher {cfg.teacher} ({short_fingerprint(teacher_fp)}): the student's SFT "
+            f"data came from {cfg.sft_teacher} ({short_fingerprint(sft_fp)}). {CONSISTENCY_HELP} Score with the "
+            "SFT-data teacher, or pass --allow-teacher-mismatch to build a dataset marked inconsistent."
+        )
+    if not consistent:
+        notices.append("teacher mismatch allowed: the dataset is marked INCONSISTENT in its manifest")
+    tokenizer = _load_tokenizer(cfg.teacher)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    rollout_tok_fp = _rollout_tokenizer_fingerprint(cfg)
+    if rollout_tok_fp is not None and rollout_tok_fp != tok_fp:
+        raise TokenizerMismatch(
+            f"the rollouts' tokenizer ({short_fingerprint(rollout_tok_fp)}) differs from the teacher's "
+            f"({short_fingerprint(tok_fp)}): the same token id would mean different tokens, so the teacher's "
+            "log-probs would score other text than the student sampled. Use a teacher with the student's tokenizer."
+        )
+    if rollout_tok_fp is None:
+        notices.append(
+            "the rollouts' tokenizer was not declared (--rollout-tokenizer or --rollout-policy): assumed to be "
+            "the teacher's; the manifest records it as unchecked"
+        )
+
+    # 2. Scan and validate every record before writing anything.
+    max_context = _max_context(cfg.teacher)
+    scan = scan_rollouts(
+        expand_rollout_paths(cfg.rollouts),
+        tokenizer,
+        vocab_size=len(tokenizer),
+        max_context=max_context,
+        progress=cfg.progress,
+    )
+    if scan.problems and cfg.on_bad_record == "stop":
+        raise BadRecords(scan.problems, scan.total)
+    if not scan.records:
+        raise InvalidInput(f"no valid rollout records in {', '.join(map(str, cfg.rollouts))}")
+    if scan.problems:
+        notices.append(f"skipped {len(scan.problems)} of {scan.total} records (listed in the dataset's coverage)")
+    if scan.retokenized:
+        notices.append(
+            f"{scan.retokenized} records were given as text and tokenized here: re-tokenized text may differ "
+            "from the token ids the policy actually sampled; prefer prompt_ids/response_ids"
+        )
+
+    # 3. The plan: a function of the inputs and settings only.
+    provenance = _provenance(cfg, scan, teacher_fp, sft_fp, tok_fp, rollout_tok_fp, consistent)
+    run_key = _run_key(cfg, provenance)
+    published = find_published_run(cfg.store, cfg.dataset, run_key)
+    if published is not None:
+        return PrecomputeResult("already_published", cfg.dataset, run_key, manifest=published, notices=notices)
+    ids = [r.id for r in scan.records]
+    plan = RunPlan(
+        run_key=run_key,
+        dataset=cfg.dataset,
+        samples_per_part=cfg.samples_per_part,
+        num_samples=len(ids),
+        input_records=scan.total,
+        parts=plan_parts(ids, cfg.samples_per_part),
+        skipped=list(scan.problems),
+        provenance=provenance,
+    )
+    staging = Staging(cfg.store, cfg.dataset, run_key)
+    plan = staging.open(plan)
+    done = staging.completed_parts(plan)
+    mine = [p for p in plan.parts if p.index % cfg.num_shards == cfg.shard_index]
+    todo = [p for p in mine if p.index not in done]
+
+    # 4. Score this worker's missing parts.
+    if todo:
+        _score_parts(cfg, scan, plan, staging, [p.index for p in todo], sum(p.num_samples for p in mine), tokenizer)
+
+    # 5. Publish once every part of every worker exists.
+    missing = missing_parts(staging, plan)
+    if missing or not cfg.publish:
+        return PrecomputeResult(
+            "waiting_for_workers", cfg.dataset, run_key, parts_scored=len(todo), parts_missing=missing, notices=notices
+        )
+    manifest = publish(staging, plan)
+    return PrecomputeResult(
+        "published", cfg.dataset, run_key, manifest=manifest, parts_scored=len(todo), notices=notices
+    )
+
+
+def _score_parts(
+    cfg: PrecomputeConfig,
+    scan: RolloutScan,
+    plan: RunPlan,
+    staging: Staging,
+    todo: list[int],
+    my_samples: int,
+    tokenizer: Any,
+) -> None:
+    from .teachers import load_teacher
+
+    teacher = load_teacher(
+        cfg.backend,
+        cfg.teacher,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        temperature=cfg.temperature,
+        max_batch_tokens=cfg.max_batch_tokens,
+        max_batch_size=cfg.max_batch_size,
+    )
+    if teacher.info.fingerprint != plan.provenance.teacher.fingerprint:
+        raise TeacherMismatch(f"{cfg.teacher} changed on disk while the job was starting; run it again")
+    policy = None
+    if cfg.rollout_policy is not None and not all(r.has_rollout_logprobs for r in scan.records):
+        policy = load_teacher(
+            cfg.backend,
+            cfg.rollout_policy,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            temperature=cfg.rollout_temperature,
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_batch_size=cfg.max_batch_size,
+        )
+    todo_samples = sum(plan.parts[i].num_samples for i in todo)
+    bar = tqdm(
+        total=my_samples,
+        initial=my_samples - todo_samples,
+        unit="sample",
+        desc=f"score {cfg.dataset} [worker {cfg.shard_index + 1}/{cfg.num_shards}]",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
+    tokens, start = 0, time.perf_counter()
+    try:
+        for index in todo:
+            s = index * plan.samples_per_part
+            refs = scan.records[s : s + plan.samples_per_part]
+            rollouts = load_rollouts(scan, refs, tokenizer)
+            prompts = [r.prompt_ids for r in rollouts]
+            responses = [r.response_ids for r in rollouts]
+            teacher_lp = teacher.score(prompts, responses)
+            rollout_lp: list[np.ndarray | None] = [r.rollout_logprobs for r in rollouts]
+            need = [k for k, lp in enumerate(rollout_lp) if lp is None]
+            if policy is not None and need:
+                for k, lp in zip(need, policy.score([prompts[k] for k in need], [responses[k] for k in need])):
+                    rollout_lp[k] = lp
+            table = build_table([r.id for r in rollouts], prompts, responses, teacher_lp, rollout_lp)
+            staging.write_part(index, table, plan.provenance.teacher.fingerprint)
+            tokens += sum(len(r) for r in responses)
+            bar.update(len(rollouts))
+            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
+    finally:
+        bar.close()
+        teacher.close()
+        if policy is not None:
+            policy.close()
+
+
+def _validate_config(cfg: PrecomputeConfig) -> None:
+    layout.validate_name(cfg.dataset)
+    if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
+        raise InvalidInput(f"--shard-index must be in 0..{cfg.num_shards - 1} (got {cfg.shard_index})")
+    if cfg.temperature <= 0 or cfg.rollout_temperature <= 0:
+        raise InvalidInput("temperatures must be positive")
+    if cfg.samples_per_part < 1 or cfg.max_batch_tokens < 1 or cfg.max_batch_size < 1:
+        raise InvalidInput("--samples-per-part, --max-batch-tokens and --max-batch-size must be at least 1")
+    for label, path in (("teacher", cfg.teacher), ("rollout policy", cfg.rollout_policy)):
+        if path is not None and not Path(path).is_dir():
+            raise InvalidInput(f"{label} {path} is not a model directory")
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise InvalidInput("scoring needs the teacher extra: pip install 'lightning-opd[teacher]'") from e
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _max_context(model_dir: Path) -> int:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    text = config.get("text_config") or {}
+    if isinstance(text.get("max_position_embeddings"), int):
+        return int(text["max_position_embeddings"])
+    raise InvalidInput(f"cannot tell the context length of {model_dir} from its config.json")
+
+
+def _rollout_tokenizer_fingerprint(cfg: PrecomputeConfig) -> str | None:
+    if cfg.rollout_tokenizer is not None:
+        if is_fingerprint(cfg.rollout_tokenizer):
+            return cfg.rollout_tokenizer
+        if not Path(cfg.rollout_tokenizer).is_dir():
+            raise InvalidInput(
+                f"--rollout-tokenizer {cfg.rollout_tokenizer} is neither a tokenizer directory nor a fingerprint"
+            )
+        return tokenizer_fingerprint(cfg.rollout_tokenizer)
+    if cfg.rollout_policy is not None:
+        return tokenizer_fingerprint(str(cfg.rollout_policy))
+    return None
+
+
+def _model_ref(path: Path, fingerprint: str) -> ModelRef:
+    config = json.loads((Path(path) / "config.json").read_text())
+    arch = (config.get("architectures") or [config.get("model_type")])[0]
+    return ModelRef(name_or_path=str(path), revision=None, fingerprint=fingerprint, architecture=arch)
+
+
+def _provenance(
+    cfg: PrecomputeConfig,
+    scan: RolloutScan,
+    teacher_fp: str,
+    sft_fp: str,
+    tok_fp: str,
+    rollout_tok_fp: str | None,
+    consistent: bool,
+) -> Provenance:
+    with_lp = sum(r.has_rollout_logprobs for r in scan.records)
+    if with_lp == len(scan.records):
+        source: Literal["input", "rollout_policy", "mixed", "none"] = "input"
+    elif cfg.rollout_policy is not None:
+        source = "rollout_policy" if with_lp == 0 else "mixed"
+    else:
+        source = "none" if with_lp == 0 else "mixed"
+    policy = _model_ref(cfg.rollout_policy, model_fingerprint(cfg.rollout_policy)) if cfg.rollout_policy else None
+    return Provenance(
+        teacher=_model_ref(cfg.teacher, teacher_fp),
+        tokenizer_fingerprint=tok_fp,
+        sft_teacher_fingerprint=sft_fp,
+        sft_teacher_source=None if is_fingerprint(cfg.sft_teacher) else str(cfg.sft_teacher),
+        rollout_policy=policy,
+        rollout_tokenizer_fingerprint=rollout_tok_fp,
+        rollout_logprobs_source=source,
+        rollout_temperature=cfg.rollout_temperature if source in ("rollout_policy", "mixed") and policy else None,
+        rollouts=RolloutSource(
+            paths=[str(p) for p in scan.paths],
+            fingerprint=scan.input_fingerprint,
+            records=scan.total,
+            retokenized=scan.retokenized,
+        ),
+        backend=cfg.backend,
+        dtype=cfg.dtype,
+        temperature=cfg.temperature,
+        consistency=Consistency(
+            teacher_consistent=consistent,
+            mismatch_allowed=cfg.allow_teacher_mismatch,
+            rollout_tokenizer_checked=rollout_tok_fp is not None,
+        ),
+        tool_version=lopd.__version__,
+    )
+
+
+def _run_key(cfg: PrecomputeConfig, prov: Provenance) -> str:
+    """Hash of everything that determines the dataset's content (not paths, devices or batch sizes).
+
+    Batch sizes are left out on purpose so that a run that ran out of memory can resume with a
+    smaller `--max-batch-tokens`.
+    """
+    key = {
+        "format_version": FORMAT_VERSION,
+        "dataset": cfg.dataset,
+        "rollouts": prov.rollouts.fingerprint,
+        "teacher": prov.teacher.fingerprint,
+        "tokenizer": prov.tokenizer_fingerprint,
+        "sft_teacher": prov.sft_teacher_fingerprint,
+        "rollout_policy": prov.rollout_policy.fingerprint if prov.rollout_policy else None,
+        "rollout_tokenizer": prov.rollout_tokenizer_fingerprint,
+        "rollout_temperature": prov.rollout_temperature,
+        "backend": cfg.backend,
+        "dtype": cfg.dtype,
+        "temperature": cfg.temperature,
+        "on_bad_record": cfg.on_bad_record,
+        "samples_per_part": cfg.samples_per_part,
+        "mismatch_allowed": cfg.allow_teacher_mismatch,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
