@@ -152,6 +152,17 @@ def _hash_file_range(h: Any, path: Path, begin: int, end: int) -> None:
             view.release()
 
 
+# Hashing a large teacher reads every byte of its weights (tens of GB); within one process the
+# same directory is often fingerprinted more than once (consistency gate, then backend), so results
+# are memoised, keyed by every file's size and modification time so that any rewrite invalidates.
+_memo: dict[tuple[Any, ...], str] = {}
+
+
+def _dir_state(path: Path) -> tuple[Any, ...]:
+    entries = sorted((p.name, st.st_size, st.st_mtime_ns) for p in path.iterdir() if p.is_file() for st in [p.stat()])
+    return (str(path.resolve()), tuple(entries))
+
+
 def model_fingerprint(model_dir: str | Path) -> str:
     """`sha256:<hex>` of a local model directory's config and weights.
 
@@ -163,6 +174,13 @@ def model_fingerprint(model_dir: str | Path) -> str:
     path = Path(model_dir)
     if not path.is_dir():
         raise InvalidInput(f"model directory {path} does not exist or is not a directory")
+    key = _dir_state(path)
+    if key not in _memo:
+        _memo[key] = _compute_model_fingerprint(path)
+    return _memo[key]
+
+
+def _compute_model_fingerprint(path: Path) -> str:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise InvalidInput(f"{path} has no config.json; it is not a transformers model directory")
@@ -184,8 +202,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
     pickled = _weight_files(path, (".bin", ".pt", ".pth"), "pytorch_model.bin.index.json", "pytorch_model.bin")
     if not pickled:
         raise InvalidInput(
-            f"{path} has no model weights (*.safetensors, *.bin, *.pt or *.pth); "
-            "is the download complete?"
+            f"{path} has no model weights (*.safetensors, *.bin, *.pt or *.pth); is the download complete?"
         )
     h.update(b"pickled\0")
     for file in pickled:

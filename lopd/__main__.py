@@ -1,0 +1,3 @@
+from lopd.cli import app
+
+app(prog_name="lopd")

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install lightning-opd with everything the demo and the tests need.
+# Idempotent: re-running it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# torch first and pinned: on the development machines a CPU build of this exact version lies on
+# disk, and pinning it keeps pip from pulling a multi-GB CUDA build to satisfy `torch>=2.3`.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"

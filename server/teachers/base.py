@@ -1,0 +1,56 @@
+"""The teacher interface: token ids in, one float32 log-prob per response token out.
+
+Every scoring backend (in-process transformers today; vLLM, SGLang or an OpenAI-compatible
+server later) implements this one narrow contract, so the store cannot tell them apart:
+
+* Inputs are token ids, never text. Tokenisation is done once, by the caller, with the
+  tokenizer whose fingerprint the store records, so no backend can re-tokenise differently
+  (chat templates, special tokens, whitespace merges) and silently shift ids.
+* Output is exactly one float32 per response token,
+  `log_softmax(teacher(prompt + response[:j]) / T)[response[j]]`, over the model's full
+  vocabulary. No top-k, no text, no backend-specific objects: the same record scored by two
+  backends yields arrays that can be compared element-wise, and the store's schema stays fixed.
+* `TeacherInfo` carries content fingerprints rather than names, so a store can prove which
+  weights and which tokenizer produced its numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What identifies a loaded teacher and the settings its log-probs were computed with."""
+
+    name_or_path: str
+    revision: str | None
+    fingerprint: str
+    tokenizer_fingerprint: str
+    architecture: str
+    vocab_size: int  # the tokenizer's size (len(tokenizer)): ids >= this are outside the vocabulary
+    max_context: int  # max_position_embeddings (or equivalent)
+    dtype: str
+    backend: str
+    device: str
+    temperature: float
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """A scoring backend. Implementations must be deterministic for a given input."""
+
+    info: TeacherInfo
+    tokenizer: Any
+
+    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """One float32 array per record, `len == len(response)`, in input order."""
+        ...
+
+    def close(self) -> None:
+        """Release the model and any device memory it holds."""
+        ...

@@ -1,0 +1,234 @@
+"""In-process teacher scoring with Hugging Face transformers (CPU or CUDA).
+
+The expensive, memory-hungry part of scoring is the LM head: full logits are
+`[batch, seq, vocab]` floats (a 150k vocabulary makes that ~600 kB per token in float32), yet we
+need one number per *response* token. So the decoder body runs on the padded batch, only the
+hidden states that predict response tokens are gathered, and the head is applied to them in
+row chunks bounded by `head_chunk_bytes`, each reduced at once to `target - logsumexp`. Prompt
+positions never reach the head.
+
+Re-implementing the head's post-processing (scaling, softcapping) is only safe if it matches the
+model's own forward, so every load runs a self-check against `model(input_ids).logits` and
+refuses architectures whose head does something this path does not.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lopd.errors import InvalidInput
+from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lopd.server.batching import plan_batches
+from lopd.server.teachers.base import TeacherInfo
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Max |head path - full forward| in log-prob units accepted by the load-time self-check. Half
+# precision differs a little between a padded, masked batch and a lone sequence; a missing
+# head transform (scaling, softcapping) differs by far more.
+_SELF_CHECK_TOL = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def _snapshot_revision(path: Path) -> str | None:
+    """The commit hash when `path` is a hub cache snapshot (`.../snapshots/<40 hex>`)."""
+    p = path.absolute()
+    if p.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", p.name):
+        return p.name
+    return None
+
+
+class TransformersTeacher:
+    """A causal LM loaded with transformers that scores response tokens exactly and frugally."""
+
+    backend = "transformers"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        temperature: float = 1.0,
+        max_batch_tokens: int = 16384,
+        max_batch_size: int = 256,
+        head_chunk_bytes: int = 256 * 2**20,
+        revision: str | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in _DTYPES:
+            raise InvalidInput(f"dtype {dtype!r} is not supported; choose one of {', '.join(_DTYPES)}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise InvalidInput(f"temperature must be a positive finite number, got {temperature!r}")
+        if head_chunk_bytes <= 0:
+            raise InvalidInput(f"head_chunk_bytes must be positive, got {head_chunk_bytes!r}")
+        plan_batches([], max_batch_tokens, max_batch_size)  # validates the budget arguments early
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise InvalidInput(f"model directory {path} does not exist")
+
+        self.temperature = float(temperature)
+        self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
+        self.head_chunk_bytes = head_chunk_bytes
+        self.device = torch.device(device)
+        fingerprint = model_fingerprint(path)  # first: a clear error for directories that are not models
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[dtype])
+        except (OSError, ValueError, KeyError) as e:
+            raise InvalidInput(f"cannot load {path} as a causal LM with its tokenizer: {e}") from e
+        self.model = model.to(self.device).eval()
+
+        self._head = model.get_output_embeddings()
+        self._body = model.get_decoder()
+        config = model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        architecture = (getattr(config, "architectures", None) or [config.model_type])[0]
+        if self._head is None or self._body is model:
+            raise InvalidInput(f"{architecture} has no separable decoder body and LM head to score with")
+        self._logit_scale = getattr(text_config, "logit_scale", None)
+        self._logits_scaling = getattr(text_config, "logits_scaling", None)
+        self._softcap = getattr(text_config, "final_logit_softcapping", None)
+        self._head_rows = int(self._head.weight.shape[0])
+        self._id_limit = min(len(self.tokenizer), model.get_input_embeddings().weight.shape[0])
+        max_context = next((getattr(text_config, k) for k in _CONTEXT_KEYS if getattr(text_config, k, None)), 0)
+
+        self.info = TeacherInfo(
+            name_or_path=str(model_dir),
+            revision=revision if revision is not None else _snapshot_revision(path),
+            fingerprint=fingerprint,
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            architecture=str(architecture),
+            vocab_size=len(self.tokenizer),
+            max_context=int(max_context),
+            dtype=dtype,
+            backend=self.backend,
+            device=str(self.device),
+            temperature=self.temperature,
+        )
+        self._self_check()
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """`log_softmax(teacher(prompt + response[:j]) / T)[response[j]]` for every response token.
+
+        Returns one float32 array per record, in input order. Records are regrouped into
+        length-bucketed batches under the token budget; results do not depend on the grouping.
+        """
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+        if self.model is None:
+            raise RuntimeError("this teacher has been closed")
+        records = [self._validate(i, p, r) for i, (p, r) in enumerate(zip(prompts, responses))]
+        lengths = [len(p) + len(r) - 1 for p, r in records]  # the last token predicts nothing
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(records)
+        for batch in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
+            for i, arr in zip(batch, self._score_batch([records[i] for i in batch])):
+                out[i] = arr
+        return out
+
+    def _validate(self, i: int, prompt: Sequence[int], response: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        p, r = np.asarray(prompt), np.asarray(response)
+        for name, a in (("prompt", p), ("response", r)):
+            if a.ndim != 1 or a.size == 0:
+                raise ValueError(
+                    f"record {i}: {name} must be a non-empty 1-D sequence of token ids "
+                    "(a prompt needs at least one token, e.g. BOS, to predict the first response token)"
+                )
+            if a.dtype.kind not in "iu":
+                raise ValueError(f"record {i}: {name} token ids must be integers, got dtype {a.dtype}")
+            if a.min() < 0 or a.max() >= self._id_limit:
+                raise ValueError(
+                    f"record {i}: {name} has token id {int(a.min() if a.min() < 0 else a.max())} outside "
+                    f"[0, {self._id_limit}); was it tokenized with a different tokenizer?"
+                )
+        if self.info.max_context and p.size + r.size > self.info.max_context:
+            raise ValueError(
+                f"record {i}: {p.size + r.size} tokens exceed the teacher's context of "
+                f"{self.info.max_context}; truncate or drop the record"
+            )
+        return p.astype(np.int64), r.astype(np.int64)
+
+    @torch.inference_mode()
+    def _score_batch(self, records: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Right-pad, run the body once, gather the response-predicting rows, score them."""
+        width = max(len(p) + len(r) - 1 for p, r in records)
+        ids = np.zeros((len(records), width), np.int64)  # pad id is irrelevant: masked and never read
+        mask = np.zeros((len(records), width), np.int64)
+        rows, cols = [], []
+        for b, (p, r) in enumerate(records):
+            n = len(p) + len(r) - 1
+            ids[b, : len(p)], ids[b, len(p) : n] = p, r[:-1]
+            mask[b, :n] = 1
+            rows.append(np.full(len(r), b))
+            cols.append(np.arange(len(p) - 1, n))  # position t predicts token t + 1
+        out = self._body(
+            input_ids=torch.from_numpy(ids).to(self.device),
+            attention_mask=torch.from_numpy(mask).to(self.device),
+            use_cache=False,
+        )
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        r_idx = torch.from_numpy(np.concatenate(rows)).to(self.device)
+        c_idx = torch.from_numpy(np.concatenate(cols)).to(self.device)
+        targets = torch.from_numpy(np.concatenate([r for _, r in records])).to(self.device)
+        logprobs = self._head_logprobs(hidden[r_idx, c_idx], targets).cpu().numpy()
+        bounds = np.cumsum([len(r) for _, r in records])[:-1]
+        return [a.astype(np.float32, copy=True) for a in np.split(logprobs, bounds)]
+
+    def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """`target logit - logsumexp` per row, with at most `head_chunk_bytes` of float32 logits alive."""
+        chunk = max(1, self.head_chunk_bytes // (self._head_rows * 4))
+        result = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(start + chunk, hidden.shape[0])
+            logits = self._head(hidden[start:end]).float()
+            # The same post-processing, in the same order, as the models that define these keys.
+            if self._logit_scale is not None:
+                logits = logits * self._logit_scale
+            if self._logits_scaling is not None:
+                logits = logits / self._logits_scaling
+            if self._softcap is not None:
+                logits = torch.tanh(logits / self._softcap) * self._softcap
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
+            target = logits.gather(1, targets[start:end, None]).squeeze(1)
+            result[start:end] = target - torch.logsumexp(logits, dim=-1)
+        return result
+
+    @torch.inference_mode()
+    def _self_check(self) -> None:
+        """Compare the chunked head path with the model's own forward on fixed, padded records."""
+        lim = self._id_limit
+        seq = [(7 * k + 3) % lim for k in range(12)]
+        records = [(np.array(seq[:3]), np.array(seq[3:])), (np.array(seq[5:9]), np.array(seq[9:11]))]
+        try:
+            got = self._score_batch(records)
+        except Exception as e:  # a body that rejects attention_mask/use_cache, odd outputs, ...
+            raise InvalidInput(f"{self.info.architecture}: cannot run the decoder body on its own: {e}") from e
+        worst = 0.0
+        for (p, r), mine in zip(records, got):
+            full = torch.from_numpy(np.concatenate([p, r])[None]).to(self.device)
+            logits = self.model(input_ids=full, use_cache=False).logits[0].float() / self.temperature
+            pos = torch.arange(len(p) - 1, len(p) + len(r) - 1, device=self.device)
+            ref = torch.log_softmax(logits, dim=-1)[pos, torch.from_numpy(r).to(self.device)]
+            worst = max(worst, float(np.max(np.abs(ref.cpu().numpy() - mine))))
+        tol = _SELF_CHECK_TOL[self.info.dtype]
+        if not worst <= tol:  # also catches NaN
+            raise InvalidInput(
+                f"unsupported head post-processing in {self.info.architecture}: the chunked LM-head path "
+                f"differs from the model's own forward by {worst:.3g} log-prob (tolerance {tol}); "
+                "this backend cannot score this architecture exactly"
+            )
+
+    def close(self) -> None:
+        """Drop the model so its (device) memory can be reclaimed."""
+        self.model = self._head = self._body = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
