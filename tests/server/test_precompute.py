@@ -1,0 +1,265 @@
+"""The precompute job end to end on tiny real models: exactness, the consistency gate, bad records,
+rollout-policy log-probs, sharded workers and resumption after crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lopd.errors import BadRecords, TeacherMismatch, TokenizerMismatch
+from lopd.fingerprint import model_fingerprint
+from lopd.server.precompute import PrecomputeConfig, run_precompute
+from lopd.storage import layout
+from lopd.storage.reader import Store
+from tests.utils.naive import naive_logprobs
+
+VOCAB = 100  # the tiny tokenizer has 105 tokens; stay inside it
+
+
+def write_rollouts(path: Path, n: int, seed: int = 0, *, with_logprobs_every: int = 0, long: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            p = int(rng.integers(1, 30 if not long else 200))
+            r = int(rng.integers(1, 60 if not long else 300))
+            rec: dict = {
+                "id": f"r{i:04d}",
+                "prompt_ids": rng.integers(3, VOCAB, p).tolist(),
+                "response_ids": rng.integers(3, VOCAB, r).tolist(),
+            }
+            if with_logprobs_every and i % with_logprobs_every == 0:
+                rec["rollout_logprobs"] = (-rng.gamma(1.0, 1.0, r)).astype(np.float32).tolist()
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _cfg(tmp_path: Path, rollouts: Path, teacher: Path, **kw) -> PrecomputeConfig:
+    base = dict(
+        rollouts=[rollouts],
+        teacher=teacher,
+        sft_teacher=str(teacher),
+        store=tmp_path / "store",
+        dataset="ds",
+        samples_per_part=8,
+        max_batch_tokens=512,
+        progress=False,
+    )
+    base.update(kw)
+    return PrecomputeConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def rollouts_file(tmp_path_factory) -> Path:
+    return write_rollouts(tmp_path_factory.mktemp("rollouts") / "r.jsonl", 30, seed=1, with_logprobs_every=4)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
+
+
+def test_consistent_run_stores_exact_teacher_logprobs(tmp_path, rollouts_file, tiny_llama_dir, llama):
+    result = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir))
+    assert result.status == "published"
+    ds = Store(tmp_path / "store").open("ds")
+    table = ds.read_all()
+    records = _records(rollouts_file)
+    assert table["sample_id"].to_pylist() == [r["id"] for r in records]  # dataset order == input order
+    for i, rec in enumerate(records):
+        assert table["prompt_ids"][i].as_py() == rec["prompt_ids"]
+        assert table["response_ids"][i].as_py() == rec["response_ids"]
+        got = np.asarray(table["teacher_logprobs"][i].values, dtype=np.float32)
+        want = naive_logprobs(llama, rec["prompt_ids"], rec["response_ids"])
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        rollout = table["rollout_logprobs"][i].as_py()
+        if "rollout_logprobs" in rec:  # passed through exactly as given, in float32
+            assert np.array(rollout, np.float32).tobytes() == np.array(rec["rollout_logprobs"], np.float32).tobytes()
+        else:
+            assert rollout is None
+    m = ds.manifest
+    prov = m.provenance
+    assert prov.consistency.verdict == "consistent" and not prov.consistency.mismatch_allowed
+    assert prov.teacher.fingerprint == prov.sft_teacher_fingerprint == model_fingerprint(tiny_llama_dir)
+    assert prov.rollout_logprobs_source == "mixed" and prov.temperature == 1.0 and prov.dtype == "float32"
+    assert prov.rollouts.records == 30 and m.coverage.skipped == 0
+    assert len(m.files) == 4  # 30 samples in parts of 8
+
+
+def test_rerun_is_a_no_op_and_sft_teacher_may_be_a_fingerprint(tmp_path, rollouts_file, tiny_llama_dir):
+    first = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir))
+    again = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir, sft_teacher=model_fingerprint(tiny_llama_dir)))
+    assert again.status == "already_published" and again.manifest.version == first.manifest.version
+    assert Store(tmp_path / "store").versions("ds") == [1]
+
+
+def test_teacher_mismatch_is_refused_and_nothing_is_written(tmp_path, rollouts_file, tiny_llama_dir, tiny_llama_b_dir):
+    cfg = _cfg(tmp_path, rollouts_file, tiny_llama_b_dir, sft_teacher=str(tiny_llama_dir))
+    with pytest.raises(TeacherMismatch, match="teacher consistency"):
+        run_precompute(cfg)
+    assert not (tmp_path / "store").exists()
+
+
+def test_teacher_mismatch_allowed_is_marked_inconsistent(tmp_path, rollouts_file, tiny_llama_dir, tiny_llama_b_dir):
+    cfg = _cfg(tmp_path, rollouts_file, tiny_llama_b_dir, sft_teacher=str(tiny_llama_dir), allow_teacher_mismatch=True)
+    result = run_precompute(cfg)
+    c = result.manifest.provenance.consistency
+    assert (c.verdict, c.teacher_consistent, c.mismatch_allowed) == ("inconsistent", False, True)
+    assert any("INCONSISTENT" in n for n in result.notices)
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path, rollouts_file, tiny_llama_dir):
+    from lopd.server.tiny_models import build_tokenizer
+
+    other = build_tokenizer()
+    other.add_tokens(["<extra>"])  # one more id than the teacher knows
+    other.save_pretrained(str(tmp_path / "other-tok"))
+    with pytest.raises(TokenizerMismatch, match="differs from the teacher's"):
+        run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir, rollout_tokenizer=str(tmp_path / "other-tok")))
+    assert not (tmp_path / "store").exists()
+
+
+def _bad_rollouts(tmp_path: Path) -> Path:
+    path = write_rollouts(tmp_path / "bad.jsonl", 12, seed=3)
+    with path.open("a") as f:
+        f.write(json.dumps({"id": "empty", "prompt_ids": [5], "response_ids": []}) + "\n")
+        f.write(json.dumps({"id": "oov", "prompt_ids": [5], "response_ids": [7, 100000]}) + "\n")
+        f.write(json.dumps({"id": "r0001", "prompt_ids": [5], "response_ids": [7]}) + "\n")  # duplicate id
+        f.write(json.dumps({"id": "long", "prompt_ids": [5] * 1000, "response_ids": [7] * 100}) + "\n")
+        f.write("{not json\n")
+    return path
+
+
+def test_bad_records_stop_the_job_before_anything_is_written(tmp_path, tiny_llama_dir):
+    with pytest.raises(BadRecords) as err:
+        run_precompute(_cfg(tmp_path, _bad_rollouts(tmp_path), tiny_llama_dir))
+    ids = {rid for rid, _ in err.value.problems}
+    assert {"empty", "oov", "r0001", "long"} <= ids
+    assert "nothing was written" in str(err.value)
+    assert not (tmp_path / "store").exists()
+
+
+def test_bad_records_skipped_are_reported_in_coverage(tmp_path, tiny_llama_dir):
+    from lopd.storage import stats
+
+    result = run_precompute(_cfg(tmp_path, _bad_rollouts(tmp_path), tiny_llama_dir, on_bad_record="skip"))
+    m = result.manifest
+    assert m.coverage.input_records == 17
+    assert m.coverage.skipped == 6  # empty, oov, both r0001, long, bad json
+    assert m.num_samples == 11
+    assert "r0001" not in Store(tmp_path / "store").open("ds").read_all()["sample_id"].to_pylist()
+    assert sum(stats.coverage(tmp_path / "store", "ds").skipped_by_reason.values()) == 6
+
+
+def test_rollout_policy_fills_missing_rollout_logprobs(tmp_path, rollouts_file, tiny_llama_dir, tiny_qwen2_dir):
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_dir)).eval()
+    result = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir, rollout_policy=tiny_qwen2_dir))
+    prov = result.manifest.provenance
+    assert prov.rollout_logprobs_source == "mixed"
+    assert prov.rollout_policy.fingerprint == model_fingerprint(tiny_qwen2_dir)
+    table = Store(tmp_path / "store").open("ds").read_all()
+    for i, rec in enumerate(_records(rollouts_file)):
+        got = np.array(table["rollout_logprobs"][i].as_py(), np.float32)
+        if "rollout_logprobs" in rec:
+            want = np.array(rec["rollout_logprobs"], np.float32)
+        else:
+            want = naive_logprobs(policy, rec["prompt_ids"], rec["response_ids"])
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_sharded_workers_build_the_same_dataset_as_one_worker(tmp_path, rollouts_file, tiny_llama_dir):
+    single = run_precompute(_cfg(tmp_path / "one", rollouts_file, tiny_llama_dir)).manifest
+    results = [
+        run_precompute(_cfg(tmp_path / "many", rollouts_file, tiny_llama_dir, num_shards=3, shard_index=k))
+        for k in (2, 0, 1)
+    ]
+    assert [r.status for r in results] == ["waiting_for_workers", "waiting_for_workers", "published"]
+    assert results[0].parts_missing == [0, 1, 3]  # worker 2 of 3 owns part 2 of parts 0..3
+    sharded = results[-1].manifest
+    assert sharded.content_hash == single.content_hash
+    assert [f.sha256 for f in sharded.files] == [f.sha256 for f in single.files]
+
+
+def test_resume_with_a_smaller_batch_budget_after_a_partial_run(tmp_path, rollouts_file, tiny_llama_dir):
+    first = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir, num_shards=2, shard_index=0, publish=False))
+    assert first.status == "waiting_for_workers"
+    final = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir, max_batch_tokens=64))
+    assert final.status == "published" and final.parts_scored == 2
+    assert final.manifest.num_samples == 30
+
+
+# ---- crashes: a real process, killed, then re-run with the same arguments ----
+
+
+def _cli(tmp_path: Path, rollouts: Path, teacher: Path, store: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "lopd", "precompute", str(rollouts),
+        "--teacher", str(teacher), "--sft-teacher", str(teacher), "--store", str(store), "--dataset", "ds",
+        "--samples-per-part", "8", "--max-batch-tokens", "512", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def _shard_hashes(store: Path) -> list[str]:
+    return [f.sha256 for f in Store(store).open("ds").manifest.files]
+
+
+@pytest.fixture(scope="module")
+def reference_hashes(tmp_path_factory, rollouts_file, tiny_llama_dir) -> list[str]:
+    store = tmp_path_factory.mktemp("ref") / "store"
+    subprocess.run(_cli(store.parent, rollouts_file, tiny_llama_dir, store), check=True, capture_output=True)
+    return _shard_hashes(store)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["after_part:1", "during_part_write:2", "during_part_write:0"])
+def test_crash_then_rerun_gives_the_uninterrupted_dataset(
+    tmp_path, rollouts_file, tiny_llama_dir, reference_hashes, fault
+):
+    store = tmp_path / "store"
+    cmd = _cli(tmp_path, rollouts_file, tiny_llama_dir, store)
+    crashed = subprocess.run(cmd, env={**os.environ, "LOPD_FAULT": fault}, capture_output=True, text=True)
+    assert crashed.returncode == 137, crashed.stderr
+    assert not (layout.dataset_dir(store, "ds") / "v1").exists()  # nothing published yet
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert _shard_hashes(store) == reference_hashes
+    assert not (layout.staging_root(store, "ds")).exists() or not any(layout.staging_root(store, "ds").iterdir())
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_llama_dir):
+    rollouts = write_rollouts(tmp_path / "big.jsonl", 160, seed=5, long=True)
+    store_ref, store = tmp_path / "ref", tmp_path / "store"
+    subprocess.run(_cli(tmp_path, rollouts, tiny_llama_dir, store_ref), check=True, capture_output=True)
+    proc = subprocess.Popen(_cli(tmp_path, rollouts, tiny_llama_dir, store), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    staging = layout.staging_root(store, "ds")
+    while time.monotonic() < deadline:
+        parts = list(staging.glob("*/part-*.parquet")) if staging.exists() else []
+        if len(parts) >= 3:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done_before = len(list(staging.glob("*/part-*.parquet")))
+    assert 3 <= done_before < 20  # killed mid-run, not after it
+    subprocess.run(_cli(tmp_path, rollouts, tiny_llama_dir, store), check=True, capture_output=True)
+    got = Store(store).open("ds").read_all()
+    assert got["sample_id"].to_pylist() == [f"r{i:04d}" for i in range(160)]
+    assert _shard_hashes(store) == _shard_hashes(store_ref)

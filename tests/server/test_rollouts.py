@@ -1,0 +1,603 @@
+"""Rollout files: the three record forms, every bad-record reason, read-back, fingerprints."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lopd.errors import InvalidInput
+from lopd.server.rollouts import (
+    RecordRef,
+    expand_rollout_paths,
+    load_rollouts,
+    rollout_files_fingerprint,
+    scan_rollouts,
+)
+from lopd.server.tiny_models import build_tokenizer
+
+MAX_CONTEXT = 64
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    """Records are dicts (dumped as JSON) or raw strings (written as the line itself)."""
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_parquet(path: Path, records: list[dict[str, Any]], row_group_size: int = 3) -> Path:
+    keys = list(dict.fromkeys(k for r in records for k in r))  # every field of any record, nulls elsewhere
+    table = pa.table({k: [r.get(k) for r in records] for k in keys})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def write_any(path: Path, records: list[dict[str, Any]]) -> Path:
+    if path.name.endswith(".parquet"):
+        return write_parquet(path, records)
+    return write_jsonl(path, records)
+
+
+def f32(xs: list[float]) -> list[float]:
+    """Floats that survive float32 exactly, as written by a sampler that logs float32 log-probs."""
+    return [float(np.float32(x)) for x in xs]
+
+
+def scan(paths: Any, tok: Any, **kw: Any):  # type: ignore[no-untyped-def]
+    kw.setdefault("vocab_size", len(tok) if tok is not None else 105)
+    kw.setdefault("max_context", MAX_CONTEXT)
+    return scan_rollouts(paths if isinstance(paths, list) else [paths], tok, **kw)
+
+
+@pytest.fixture(scope="module")
+def ids(tokenizer: Any) -> dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "<|user|>", "<|assistant|>", "<|end|>")}
+
+
+def three_forms() -> list[dict[str, Any]]:
+    return [
+        {
+            "id": "tok",
+            "prompt_ids": [1, 20, 21],
+            "response_ids": [30, 31, 7],
+            "rollout_logprobs": f32([-0.1, -2.5, 0.0]),
+        },
+        {
+            "id": "chat",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo!"},
+            ],
+        },
+        {"id": "text", "prompt": "2+2=", "response": "4"},
+        {"id": "tok2", "prompt_ids": [1], "response_ids": [40]},
+    ]
+
+
+# ---------------------------------------------------------------------------------- good records
+
+
+@pytest.mark.parametrize("name", ["r.jsonl", "r.jsonl.gz", "r.parquet"])
+def test_three_forms_scan_and_load(tmp_path: Path, tokenizer: Any, ids: dict[str, int], name: str) -> None:
+    path = write_any(tmp_path / name, three_forms())
+    s = scan(path, tokenizer)
+    assert s.problems == []
+    assert s.total == 4
+    assert [r.id for r in s.records] == ["tok", "chat", "text", "tok2"]
+    assert s.retokenized == 2
+    assert [r.retokenized for r in s.records] == [False, True, True, False]
+    assert [r.has_rollout_logprobs for r in s.records] == [True, False, False, False]
+
+    got = {r.id: r for r in load_rollouts(s, s.records, tokenizer)}
+    assert s.num_tokens == sum(len(r.response_ids) for r in got.values())
+    tok = got["tok"]
+    assert tok.prompt_ids.dtype == np.int32 and tok.response_ids.dtype == np.int32
+    assert tok.prompt_ids.tolist() == [1, 20, 21] and tok.response_ids.tolist() == [30, 31, 7]
+    assert tok.rollout_logprobs is not None and tok.rollout_logprobs.dtype == np.float32
+    assert tok.rollout_logprobs.tolist() == f32([-0.1, -2.5, 0.0])
+    assert got["tok2"].rollout_logprobs is None
+
+    text = got["text"]
+    assert text.prompt_ids.tolist() == tokenizer("2+2=")["input_ids"]
+    assert text.response_ids.tolist() == tokenizer("4", add_special_tokens=False)["input_ids"]
+    assert text.retokenized
+
+    chat = got["chat"]
+    assert chat.prompt_ids[0] == ids["<s>"]
+    assert chat.prompt_ids[-1] == ids["<|assistant|>"]  # the generation prompt
+    assert chat.response_ids[-1] == ids["<|end|>"]  # the end-of-turn token the policy sampled
+    assert tokenizer.decode(chat.response_ids.tolist()) == "yo!<|end|>"
+    full = tokenizer.apply_chat_template(three_forms()[1]["messages"], tokenize=False)
+    whole = tokenizer(full, add_special_tokens=False)["input_ids"]
+    assert chat.prompt_ids.tolist() + chat.response_ids.tolist() == whole
+
+
+def test_messages_fall_back_to_content_when_prompt_is_not_a_prefix(tmp_path: Path) -> None:
+    tok = build_tokenizer()
+    # The generation prompt renders differently from how the conversation renders the assistant turn.
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>:{% endif %}"
+    )
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    s = scan(write_jsonl(tmp_path / "r.jsonl", [{"id": 1, "messages": msgs}]), tok)
+    assert s.problems == [] and s.retokenized == 1
+    (r,) = load_rollouts(s, s.records, tok)
+    assert tok.decode(r.prompt_ids.tolist()) == "<s><|user|>hi<|end|><|assistant|>:"
+    assert r.response_ids.tolist() == tok("yo", add_special_tokens=False)["input_ids"]
+
+
+def test_integer_ids_aliases_blank_lines_and_bom(tmp_path: Path, tokenizer: Any) -> None:
+    path = tmp_path / "r.jsonl"
+    lines = [
+        json.dumps({"id": 7, "prompt_token_ids": [1, 2], "output_token_ids": [3]}),
+        "",
+        "   ",
+        json.dumps({"id": "c", "prompt": "q", "completion": "a", "reward": 1.0, "meta": {"x": 1}}),
+        json.dumps({"id": "d", "prompt_ids": [1], "completion_ids": [3], "rollout_logprobs": [-1, 1e-5]}),
+    ]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())
+    s = scan(path, tokenizer)
+    assert s.total == 3
+    assert [r.id for r in s.records] == ["7", "c"]
+    assert s.problems == [("d", "rollout_logprobs has 2 values but the response has 1 tokens")]
+    r7, rc = load_rollouts(s, s.records, tokenizer)
+    assert r7.prompt_ids.tolist() == [1, 2] and r7.response_ids.tolist() == [3]
+    assert rc.response_ids.tolist() == tokenizer("a", add_special_tokens=False)["input_ids"]
+
+
+def test_small_positive_logprob_is_tolerated(tmp_path: Path) -> None:
+    recs = [{"id": "a", "prompt_ids": [1], "response_ids": [2, 3], "rollout_logprobs": [5e-5, -1.0]}]
+    s = scan(write_jsonl(tmp_path / "r.jsonl", recs), None)
+    assert s.problems == [] and s.records[0].has_rollout_logprobs
+
+
+def test_directory_input_and_path_expansion(tmp_path: Path, tokenizer: Any) -> None:
+    d = tmp_path / "in"
+    d.mkdir()
+    write_parquet(d / "b.parquet", [{"id": "b1", "prompt_ids": [1], "response_ids": [2]}])
+    write_jsonl(d / "a.jsonl", [{"id": "a1", "prompt_ids": [1], "response_ids": [2]}])
+    write_jsonl(d / "c.jsonl.gz", [{"id": "c1", "prompt_ids": [1], "response_ids": [2]}])
+    (d / "_SUCCESS").write_text("")
+    write_jsonl(d / ".hidden.jsonl", ["not json"])
+    write_jsonl(d / "_tmp.jsonl", ["not json"])
+    (d / "sub.jsonl").mkdir()
+    (d / "notes.txt").write_text("not rollouts")
+    extra = write_jsonl(tmp_path / "z.jsonl", [{"id": "z1", "prompt_ids": [1], "response_ids": [2]}])
+    assert expand_rollout_paths([d, extra]) == [d / "a.jsonl", d / "b.parquet", d / "c.jsonl.gz", extra]
+    s = scan([d, extra], tokenizer)
+    assert [r.id for r in s.records] == ["a1", "b1", "c1", "z1"]
+    assert [r.source for r in s.records] == [0, 1, 2, 3]
+    assert [r.id for r in load_rollouts(s, s.records[::-1], tokenizer)] == ["z1", "c1", "b1", "a1"]
+
+
+def test_unusable_paths_raise(tmp_path: Path) -> None:
+    good = write_jsonl(tmp_path / "r.jsonl", [{"id": 1, "prompt_ids": [1], "response_ids": [2]}])
+    (tmp_path / "r.csv").write_text("id\n1\n")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInput, match="does not exist"):
+        expand_rollout_paths([tmp_path / "nope.jsonl"])
+    with pytest.raises(InvalidInput, match="unknown suffix"):
+        expand_rollout_paths([tmp_path / "r.csv"])
+    with pytest.raises(InvalidInput, match="no rollout files"):
+        expand_rollout_paths([tmp_path / "empty"])
+    with pytest.raises(InvalidInput, match="more than once"):
+        expand_rollout_paths([good, tmp_path])
+    with pytest.raises(InvalidInput, match="no rollout files given"):
+        expand_rollout_paths([])
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(InvalidInput, match="bad.parquet"):
+        scan_rollouts([tmp_path / "bad.parquet"], None, vocab_size=10, max_context=10)
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(InvalidInput, match="bad.jsonl.gz"):
+        scan_rollouts([tmp_path / "bad.jsonl.gz"], None, vocab_size=10, max_context=10)
+    with pytest.raises(InvalidInput, match="max_context"):
+        scan_rollouts([good], None, vocab_size=10, max_context=0)
+
+
+def test_load_arbitrary_subset_in_arbitrary_order(tmp_path: Path) -> None:
+    rng = random.Random(0)
+    vocab = 1000
+
+    def rec(i: int) -> dict[str, Any]:
+        n = rng.randint(1, 40)
+        r: dict[str, Any] = {
+            "id": f"r{i}",
+            "prompt_ids": [rng.randrange(vocab) for _ in range(rng.randint(1, 30))],
+            "response_ids": [rng.randrange(vocab) for _ in range(n)],
+        }
+        if rng.random() < 0.7:
+            r["rollout_logprobs"] = f32([-rng.expovariate(1.0) for _ in range(n)])
+        return r
+
+    written = [rec(i) for i in range(90)]
+    files = [
+        write_jsonl(tmp_path / "a.jsonl", written[:30]),
+        write_parquet(tmp_path / "b.parquet", written[30:60], row_group_size=7),
+        write_jsonl(tmp_path / "c.jsonl.gz", written[60:]),
+    ]
+    s = scan_rollouts(files, None, vocab_size=vocab, max_context=100)
+    assert s.problems == [] and len(s.records) == 90
+    by_id = {w["id"]: w for w in written}
+    refs = rng.sample(s.records, 40) + [s.records[5], s.records[5]]  # a repeated ref is read twice
+    for got, ref in zip(load_rollouts(s, refs, None), refs):
+        w = by_id[ref.id]
+        assert got.id == ref.id
+        assert got.prompt_ids.dtype == np.int32 and got.prompt_ids.tolist() == w["prompt_ids"]
+        assert got.response_ids.tolist() == w["response_ids"]
+        if "rollout_logprobs" in w:
+            assert got.rollout_logprobs is not None and got.rollout_logprobs.dtype == np.float32
+            assert np.array_equal(got.rollout_logprobs, np.array(w["rollout_logprobs"], dtype=np.float32))
+        else:
+            assert got.rollout_logprobs is None
+    assert load_rollouts(s, [], None) == []
+
+
+def test_parquet_native_types_and_row_groups(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "id": pa.array([10, 11, 12, 13, 14], pa.int64()),
+            "prompt_ids": pa.array([[1], [1, 2], [1], None, [3]], pa.list_(pa.int32())),
+            "response_ids": pa.array([[5], [6, 7], [], [8], [2**40]], pa.large_list(pa.int64())),
+            "rollout_logprobs": pa.array([[-0.5], None, None, None, None], pa.list_(pa.float32())),
+            "big_unrelated_column": pa.array(["x" * 100] * 5),
+        }
+    )
+    path = tmp_path / "r.parquet"
+    pq.write_table(table, path, row_group_size=2)
+    s = scan_rollouts([path], None, vocab_size=10, max_context=10)
+    assert [r.id for r in s.records] == ["10", "11"]
+    assert [p[0] for p in s.problems] == ["12", "13", "14"]
+    assert "response is empty" in s.problems[0][1]
+    assert "no prompt_ids" in s.problems[1][1]
+    assert "response_ids[0] = 1099511627776 is outside the vocabulary [0, 10)" in s.problems[2][1]
+    a, b = load_rollouts(s, s.records[::-1], None)
+    assert (a.id, a.prompt_ids.tolist(), a.response_ids.tolist(), a.rollout_logprobs) == ("11", [1, 2], [6, 7], None)
+    assert b.rollout_logprobs is not None and b.rollout_logprobs.tolist() == [-0.5]
+
+
+def test_messages_in_parquet(tmp_path: Path, tokenizer: Any) -> None:
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = write_parquet(tmp_path / "r.parquet", [{"id": "m", "messages": msgs}])
+    s = scan(path, tokenizer)
+    (r,) = load_rollouts(s, s.records, tokenizer)
+    assert tokenizer.decode(r.response_ids.tolist()) == "yo<|end|>"
+
+
+# ----------------------------------------------------------------------------------- bad records
+
+GOOD = {"id": "good", "prompt_ids": [1, 2], "response_ids": [3]}
+MSGS_OK = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+
+# (record or raw line, tokenizer kind, expected label, expected substrings of the reason)
+BAD_CASES: list[tuple[Any, str, str, list[str]]] = [
+    ('{"id": 1, "prompt_ids": [1', "tok", "r.jsonl:2", ["invalid JSON"]),
+    ("[1, 2, 3]", "tok", "r.jsonl:2", ["is an array, not a JSON object"]),
+    ('"just a string"', "tok", "r.jsonl:2", ["is a string, not a JSON object"]),
+    ("null", "tok", "r.jsonl:2", ["is null, not a JSON object"]),
+    ({"prompt_ids": [1], "response_ids": [2]}, "tok", "r.jsonl:2", ["no id"]),
+    ({"id": None, "prompt_ids": [1], "response_ids": [2]}, "tok", "r.jsonl:2", ["no id"]),
+    ({"id": "", "prompt_ids": [1], "response_ids": [2]}, "tok", "r.jsonl:2", ["id is empty"]),
+    ({"id": "  ", "prompt_ids": [1], "response_ids": [2]}, "tok", "r.jsonl:2", ["id is empty"]),
+    ({"id": 1.5, "prompt_ids": [1], "response_ids": [2]}, "tok", "r.jsonl:2", ["string or an integer"]),
+    ({"id": True, "prompt_ids": [1], "response_ids": [2]}, "tok", "r.jsonl:2", ["string or an integer"]),
+    ({"id": "x"}, "tok", "x", ["no rollout", "prompt_ids + response_ids", "messages", "prompt + response"]),
+    ({"id": "x", "reward": 1}, "tok", "x", ["no rollout"]),
+    ({"id": "x", "prompt_ids": "1 2", "response_ids": [2]}, "tok", "x", ["prompt_ids must be a list", "str"]),
+    ({"id": "x", "prompt_ids": [1, 2.5], "response_ids": [2]}, "tok", "x", ["prompt_ids[1] is 2.5", "float"]),
+    ({"id": "x", "prompt_ids": [1], "response_ids": [2, True]}, "tok", "x", ["response_ids[1] is True", "bool"]),
+    ({"id": "x", "prompt_ids": [1], "response_ids": [2, "3"]}, "tok", "x", ["response_ids[1]", "not an integer"]),
+    ({"id": "x", "prompt_ids": [1], "response_ids": [4, 105]}, "tok", "x", ["response_ids[1] = 105", "[0, 105)"]),
+    ({"id": "x", "prompt_ids": [1, -1], "response_ids": [4]}, "tok", "x", ["prompt_ids[1] = -1", "vocabulary"]),
+    ({"id": "x", "prompt_ids": [1], "response_ids": [2**70]}, "tok", "x", [f"response_ids[0] = {2**70}"]),
+    (
+        {"id": "x", "prompt_ids": [1], "response_ids": [2], "messages": MSGS_OK},
+        "tok",
+        "x",
+        ["ambiguous", "prompt_ids/response_ids", "messages"],
+    ),
+    ({"id": "x", "prompt": "a", "response": "b", "messages": MSGS_OK}, "tok", "x", ["ambiguous"]),
+    ({"id": "x", "prompt_ids": [1], "response": "b"}, "tok", "x", ["ambiguous"]),
+    ({"id": "x", "prompt_ids": [1], "prompt_token_ids": [1], "response_ids": [2]}, "tok", "x", ["mean the same"]),
+    ({"id": "x", "prompt_ids": [1]}, "tok", "x", ["has prompt_ids but no response_ids"]),
+    ({"id": "x", "response": "b"}, "tok", "x", ["has response but no prompt"]),
+    ({"id": "x", "prompt_ids": [1], "response_ids": []}, "tok", "x", ["response is empty"]),
+    ({"id": "x", "prompt_ids": [], "response_ids": [2]}, "tok", "x", ["prompt is empty", "context"]),
+    ({"id": "x", "prompt": "a", "response": ""}, "tok", "x", ["response is empty"]),
+    ({"id": "x", "prompt": "", "response": "b"}, "tok", "x", ["prompt is empty"]),
+    ({"id": "x", "prompt": 12, "response": "b"}, "tok", "x", ["prompt must be a string", "int"]),
+    (
+        {"id": "x", "prompt_ids": [1] * 40, "response_ids": [2] * 30},
+        "tok",
+        "x",
+        ["prompt (40 tokens)", "response (30 tokens)", "70 tokens", f"context of {MAX_CONTEXT} tokens"],
+    ),
+    (
+        {"id": "x", "prompt_ids": [1], "response_ids": [2, 3, 4], "rollout_logprobs": [-1.0, -2.0]},
+        "tok",
+        "x",
+        ["rollout_logprobs has 2 values but the response has 3 tokens"],
+    ),
+    (
+        {"id": "x", "prompt": "a", "response": "bc", "rollout_logprobs": [-1.0]},
+        "tok",
+        "x",
+        ["has 1 values but the response has 2 tokens", "re-tokenized"],
+    ),
+    (
+        '{"id": "x", "prompt_ids": [1], "response_ids": [2, 3], "rollout_logprobs": [-1.0, NaN]}',
+        "tok",
+        "x",
+        ["rollout_logprobs[1]", "not finite"],
+    ),
+    (
+        '{"id": "x", "prompt_ids": [1], "response_ids": [2], "rollout_logprobs": [-Infinity]}',
+        "tok",
+        "x",
+        ["rollout_logprobs[0]", "not finite"],
+    ),
+    (
+        {"id": "x", "prompt_ids": [1], "response_ids": [2], "rollout_logprobs": [-1e300]},
+        "tok",
+        "x",
+        ["not finite (as float32)"],
+    ),
+    (
+        {"id": "x", "prompt_ids": [1], "response_ids": [2, 3], "rollout_logprobs": [-1.0, 0.5]},
+        "tok",
+        "x",
+        ["rollout_logprobs[1] = 0.5 is positive"],
+    ),
+    (
+        {"id": "x", "prompt_ids": [1], "response_ids": [2], "rollout_logprobs": ["-1"]},
+        "tok",
+        "x",
+        ["rollout_logprobs[0]", "not a number"],
+    ),
+    ({"id": "x", "prompt_ids": [1], "response_ids": [2], "rollout_logprobs": -1.0}, "tok", "x", ["list of numbers"]),
+    (
+        {"id": "x", "messages": [{"role": "user", "content": "hi"}]},
+        "tok",
+        "x",
+        ["last message must be the assistant turn", "'user'"],
+    ),
+    ({"id": "x", "messages": []}, "tok", "x", ["messages must be a non-empty list"]),
+    ({"id": "x", "messages": "hi"}, "tok", "x", ["messages must be a non-empty list"]),
+    ({"id": "x", "messages": [{"role": "assistant"}]}, "tok", "x", ["messages[0]", "'content'"]),
+    ({"id": "x", "messages": ["hi"]}, "tok", "x", ["messages[0] must be an object"]),
+    ({"id": "x", "prompt": "a", "response": "b"}, "none", "x", ["needs a tokenizer"]),
+    ({"id": "x", "messages": MSGS_OK}, "none", "x", ["needs a tokenizer"]),
+    ({"id": "x", "messages": MSGS_OK}, "no_template", "x", ["chat template"]),
+]
+
+
+@pytest.mark.parametrize(("bad", "tok_kind", "label", "reasons"), BAD_CASES)
+def test_bad_record_is_reported(
+    tmp_path: Path, tokenizer: Any, bad: Any, tok_kind: str, label: str, reasons: list[str]
+) -> None:
+    tok: Any = tokenizer
+    if tok_kind == "none":
+        tok = None
+    elif tok_kind == "no_template":
+        tok = build_tokenizer()
+        tok.chat_template = None
+    path = write_jsonl(tmp_path / "r.jsonl", [GOOD, bad, GOOD | {"id": "good2"}])
+    s = scan(path, tok, vocab_size=len(tokenizer))
+    assert s.total == 3
+    assert [r.id for r in s.records] == ["good", "good2"]
+    assert len(s.problems) == 1
+    got_label, reason = s.problems[0]
+    assert got_label == label
+    for r in reasons:
+        assert r in reason, f"{r!r} not in {reason!r}"
+
+
+def test_retokenized_ids_outside_the_teacher_vocabulary(tmp_path: Path, tokenizer: Any) -> None:
+    z = tokenizer.convert_tokens_to_ids("Z")
+    path = write_jsonl(tmp_path / "r.jsonl", [{"id": "t", "prompt": "a", "response": "aZ"}])
+    s = scan(path, tokenizer, vocab_size=z)
+    assert s.problems == [("t", f"re-tokenized response[1] = {z} is outside the vocabulary [0, {z})")]
+
+
+def test_unicode_garbage_line(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n\xff\xfe{}\n")
+    s = scan(path, None)
+    assert s.problems[0][0] == "r.jsonl:2" and "invalid JSON" in s.problems[0][1]
+
+
+def test_duplicate_ids_flag_every_occurrence(tmp_path: Path) -> None:
+    def r(rid: Any, **kw: Any) -> dict[str, Any]:
+        return {"id": rid, "prompt_ids": [1], "response_ids": [2], **kw}
+
+    a = write_jsonl(tmp_path / "a.jsonl", [r("x"), r("y"), r("x"), r(1), r("z", response_ids=[])])
+    b = write_parquet(tmp_path / "b.parquet", [r("x"), r("1"), r("w"), r("z")])
+    s = scan_rollouts([a, b], None, vocab_size=10, max_context=10)
+    assert [rec.id for rec in s.records] == ["y", "w"]
+    assert s.total == 9
+    assert [p[0] for p in s.problems] == ["x", "x", "1", "z", "x", "1", "z"]
+    reasons = [p[1] for p in s.problems]
+    assert reasons[0] == "duplicate id: also used at a.jsonl:3, b.parquet:row 0"
+    assert reasons[1] == "duplicate id: also used at a.jsonl:1, b.parquet:row 0"
+    assert reasons[2] == "duplicate id: also used at b.parquet:row 1"  # int 1 and "1" are the same id
+    assert reasons[3].startswith("response is empty") and "b.parquet:row 3" in reasons[3]
+    assert reasons[4] == "duplicate id: also used at a.jsonl:1, a.jsonl:3"
+    assert reasons[6] == "duplicate id: also used at a.jsonl:5"
+
+
+def test_many_duplicates_name_a_few_locations(tmp_path: Path) -> None:
+    recs = [{"id": "same", "prompt_ids": [1], "response_ids": [2]} for _ in range(50)]
+    s = scan(write_jsonl(tmp_path / "r.jsonl", recs), None)
+    assert s.records == [] and len(s.problems) == 50
+    assert s.problems[0][1].endswith("r.jsonl:6 and 44 more")
+
+
+def test_locators_use_paths_when_names_collide(tmp_path: Path) -> None:
+    (tmp_path / "p").mkdir()
+    (tmp_path / "q").mkdir()
+    a = write_jsonl(tmp_path / "p" / "r.jsonl", ["{"])
+    b = write_jsonl(tmp_path / "q" / "r.jsonl", [{"prompt_ids": [1]}])
+    s = scan([a, b], None)
+    assert [p[0] for p in s.problems] == [f"{a}:1", f"{b}:1"]
+
+
+# ------------------------------------------------------------------------------------ fingerprint
+
+
+def test_input_fingerprint(tmp_path: Path) -> None:
+    recs = [{"id": i, "prompt_ids": [1, 2], "response_ids": [3, 4]} for i in range(5)]
+    a = write_jsonl(tmp_path / "a.jsonl", recs)
+    b = write_parquet(tmp_path / "b.parquet", recs[:2])
+    c = write_jsonl(tmp_path / "c.jsonl.gz", recs[2:])
+    files = [a, b, c]
+    fp = scan_rollouts(files, None, vocab_size=10, max_context=10).input_fingerprint
+    assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 64
+    assert scan_rollouts(files, None, vocab_size=10, max_context=10).input_fingerprint == fp
+    assert rollout_files_fingerprint(files) == fp
+    # Validation settings are not part of the input.
+    assert scan_rollouts(files, None, vocab_size=4, max_context=3).input_fingerprint == fp
+    assert rollout_files_fingerprint([b, a, c]) != fp
+
+    original = a.read_bytes()
+    flipped = bytearray(original)
+    flipped[original.index(b"[1, 2]") + 1] = ord("2")
+    a.write_bytes(bytes(flipped))
+    assert scan_rollouts(files, None, vocab_size=10, max_context=10).input_fingerprint != fp
+    a.write_bytes(original)
+    assert scan_rollouts(files, None, vocab_size=10, max_context=10).input_fingerprint == fp
+
+    # File sizes separate files: the same bytes split differently are a different input.
+    whole = a.read_bytes()
+    cut = whole.index(b"\n") + 1
+    (tmp_path / "x.jsonl").write_bytes(whole[:cut])
+    (tmp_path / "y.jsonl").write_bytes(whole[cut:])
+    assert rollout_files_fingerprint([tmp_path / "x.jsonl", tmp_path / "y.jsonl"]) != rollout_files_fingerprint([a])
+
+
+def test_load_detects_changed_file(tmp_path: Path) -> None:
+    recs = [{"id": i, "prompt_ids": [1, 2], "response_ids": [3, 4]} for i in range(3)]
+    a = write_jsonl(tmp_path / "a.jsonl", recs)
+    s = scan_rollouts([a], None, vocab_size=10, max_context=10)
+    write_jsonl(a, [recs[0] | {"response_ids": [3]}, recs[1], recs[2]])
+    with pytest.raises(InvalidInput, match="scan"):
+        load_rollouts(s, s.records[:1], None)
+    write_jsonl(a, recs[1:])
+    with pytest.raises(InvalidInput, match="changed since it was scanned"):
+        load_rollouts(s, s.records[:1], None)
+
+
+def test_progress_bar_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recs = [{"id": i, "prompt_ids": [1], "response_ids": [2]} for i in range(600)]
+    s = scan_rollouts([write_jsonl(tmp_path / "a.jsonl", recs)], None, vocab_size=10, max_context=10, progress=True)
+    assert len(s.records) == 600 and s.num_tokens == 600
+    assert "scan rollouts" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- property: partition
+
+VOCAB, CTX = 10, 6
+_good_ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=3)
+_any_ids = st.one_of(
+    st.lists(st.one_of(st.integers(-2, VOCAB + 1), st.sampled_from([1.5, True, "3"])), max_size=4),
+    st.just("oops"),
+)
+# Ids 10..15 exist as integers and as strings, which are the same id; None, "" and 1.5 are unusable.
+_rid = st.sampled_from([*range(16), *(str(i) for i in range(10, 30)), None, "", 1.5])
+
+
+@st.composite
+def _records(draw: Any) -> list[dict[str, Any]]:
+    """Mostly valid id-form records, each with at most one thing broken, and frequent duplicate ids."""
+    out = []
+    for _ in range(draw(st.integers(0, 12))):
+        rid = draw(_rid)
+        rec: dict[str, Any] = {} if rid is None else {"id": rid}
+        rec["prompt_ids"] = draw(_good_ids)
+        rec["response_ids"] = draw(_good_ids)
+        if draw(st.booleans()):
+            rec["rollout_logprobs"] = draw(
+                st.lists(
+                    st.floats(-20.0, 0.0, width=32),
+                    min_size=len(rec["response_ids"]),
+                    max_size=len(rec["response_ids"]),
+                )
+            )
+        broken = draw(st.sampled_from([""] * 10 + ["prompt", "response", "no_response", "logprobs", "long"]))
+        if broken in ("prompt", "response"):
+            rec[f"{broken}_ids"] = draw(_any_ids)
+        elif broken == "no_response":
+            del rec["response_ids"]
+        elif broken == "logprobs":
+            rec["rollout_logprobs"] = draw(st.lists(st.floats(-5.0, 1.0, allow_nan=False), max_size=4))
+        elif broken == "long":
+            rec["prompt_ids"] = rec["prompt_ids"] * 3
+        out.append(rec)
+    return out
+
+
+def _ok_ids(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(type(t) is int and 0 <= t < VOCAB for t in v)
+
+
+def _oracle(records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(ids of the valid records, labels of the bad ones), computed independently of the scanner."""
+    keys: list[str | None] = []
+    valid: list[bool] = []
+    for rec in records:
+        rid = rec.get("id")
+        key = str(rid) if type(rid) in (str, int) and str(rid).strip() else None
+        ok = key is not None and _ok_ids(rec["prompt_ids"]) and _ok_ids(rec.get("response_ids"))
+        if ok:
+            ok = len(rec["prompt_ids"]) + len(rec["response_ids"]) <= CTX
+        if ok and "rollout_logprobs" in rec:
+            lp = rec["rollout_logprobs"]
+            ok = len(lp) == len(rec["response_ids"]) and all(x <= 1e-4 for x in lp)
+        keys.append(key)
+        valid.append(ok)
+    counts: dict[str, int] = {}
+    for k in keys:
+        if k is not None:
+            counts[k] = counts.get(k, 0) + 1
+    good, bad = [], []
+    for line, (k, ok) in enumerate(zip(keys, valid), 1):
+        if ok and counts[k] == 1:  # type: ignore[index]
+            good.append(k)
+        else:
+            bad.append(k if k is not None else f"r.jsonl:{line}")
+    return good, bad  # type: ignore[return-value]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(records=_records())
+def test_records_and_problems_partition_the_input(records: list[dict[str, Any]]) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path = write_jsonl(Path(d) / "r.jsonl", records)
+        s = scan_rollouts([path], None, vocab_size=VOCAB, max_context=CTX)
+        good, bad = _oracle(records)
+        assert s.total == len(records)
+        assert [r.id for r in s.records] == good
+        assert [p[0] for p in s.problems] == bad
+        assert all(reason for _, reason in s.problems)
+        assert len(s.records) + len(s.problems) == s.total
+        loaded = load_rollouts(s, s.records, None)
+        assert [r.id for r in loaded] == good
+        assert s.num_tokens == sum(len(r.response_ids) for r in loaded)
+        assert all(isinstance(r, RecordRef) for r in s.records)
