@@ -36,6 +36,16 @@ class OnBadRecord(str, Enum):
     skip = "skip"
 
 
+def _quiet_transformers() -> None:
+    """transformers draws a bar for every weight load; ours are the ones that mean progress."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _fail(err: Exception) -> NoReturn:
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -84,6 +94,8 @@ def precompute(
 ) -> None:
     """Score rollouts with a teacher, once, into an immutable dataset (resumable, shardable)."""
     from lopd.server.precompute import PrecomputeConfig, run_precompute
+
+    _quiet_transformers()
 
     cfg = PrecomputeConfig(
         rollouts=list(rollouts),
@@ -209,6 +221,8 @@ def tiny_model(
     """Build a tiny random causal LM with a char-level tokenizer (for trying things out offline)."""
     from lopd.server.tiny_models import build_tiny_model
 
+    _quiet_transformers()
+
     try:
         path = build_tiny_model(out_dir, arch, seed=seed, hidden=hidden, layers=layers)
     except ValueError as e:
@@ -225,6 +239,8 @@ def demo(
 ) -> None:
     """End to end on CPU: tiny teacher and student, sample rollouts, precompute, print stats."""
     from lopd.server.demo import run_demo
+
+    _quiet_transformers()
 
     try:
         run_demo(run_dir, samples=samples, echo=typer.echo)

@@ -59,7 +59,7 @@ def run_demo(run_dir: Path, *, samples: int = 64, echo: Callable[[str], None] = 
     echo(f"[1/5] building a tiny teacher, a second teacher and a student in {run_dir}")
     teacher = build_tiny_model(run_dir / "teacher", "llama", seed=1, hidden=64, layers=2)
     other = build_tiny_model(run_dir / "other-teacher", "llama", seed=2, hidden=64, layers=2)
-    student = build_tiny_model(run_dir / "student", "llama", seed=3, hidden=32, layers=2)
+    student = build_tiny_model(run_dir / "student", "llama", seed=3, hidden=32, layers=2, pad_vocab=False)
     echo(f"[2/5] sampling {samples} rollouts from the student (token ids as sampled)")
     rollouts = sample_rollouts(student, run_dir / "rollouts.jsonl", samples=samples)
     store = run_dir / "store"

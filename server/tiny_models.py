@@ -92,13 +92,15 @@ def build_tiny_model(
     layers: int = 2,
     max_positions: int = 1024,
     vocab_size: int | None = None,
+    pad_vocab: bool = True,
     init_std: float = 0.2,
     **config_overrides: Any,
 ) -> Path:
     """Build a randomly initialised causal LM with the tiny tokenizer and save both to `out_dir`.
 
     `vocab_size` defaults to the tokenizer's size rounded up to a multiple of 64, as real models pad
-    their embedding. `init_std` is larger than the usual 0.02 so that the random model has peaked,
+    their embedding (`pad_vocab=False`: exactly the tokenizer's size, so sampling can only produce
+    real tokens). `init_std` is larger than the usual 0.02 so that the random model has peaked,
     varied next-token distributions (log-probs far from uniform) that make exactness tests bite.
     """
     import torch
@@ -107,7 +109,7 @@ def build_tiny_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out)
-    vocab = vocab_size if vocab_size is not None else -(-len(tok) // 64) * 64
+    vocab = vocab_size if vocab_size is not None else (-(-len(tok) // 64) * 64 if pad_vocab else len(tok))
     config = _config(arch, vocab, hidden, layers, max_positions, initializer_range=init_std, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -18,13 +18,17 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import duckdb
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel
 
 from . import layout
 from .publish import published_versions
 from .reader import Store
 from .staging import list_staging_plans
+
+if TYPE_CHECKING:
+    import duckdb
 
 UNLIKELY_LOGPROB = math.log(1e-4)  # tokens the teacher finds very unlikely
 _QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
@@ -96,6 +100,14 @@ class ConsistencyStats(BaseModel):
     rollout_vs_teacher: RolloutVsTeacher | None
 
 
+def _connect() -> duckdb.DuckDBPyConnection:
+    try:
+        import duckdb
+    except ImportError as e:  # the models above are importable without it; queries are not
+        raise ImportError("dataset stats need DuckDB: pip install 'lightning-opd[store]'") from e
+    return duckdb.connect()
+
+
 def _distribution(con: duckdb.DuckDBPyConnection, expr_sql: str, params: list[object]) -> Distribution:
     qs = ", ".join(f"quantile_cont(x, {q})" for q in _QUANTILES)
     row = con.execute(f"SELECT count(x), avg(x), min(x), max(x), {qs} FROM ({expr_sql})", params).fetchone()
@@ -141,7 +153,7 @@ def coverage(store_root: str | Path, name: str, version: int | None = None) -> C
     ds = store.open(name, version, verify=False)
     m = ds.manifest
     files = [str(p) for p in ds.shard_paths()]
-    con = duckdb.connect()
+    con = _connect()
     src = "SELECT len({col}) AS x FROM read_parquet(?)"
     resp = _distribution(con, src.format(col="response_ids"), [files]) if files else None
     prompt = _distribution(con, src.format(col="prompt_ids"), [files]) if files else None
@@ -169,7 +181,7 @@ def consistency(store_root: str | Path, name: str, version: int | None = None) -
     ds = store.open(name, version, verify=False)
     m, prov = ds.manifest, ds.manifest.provenance
     files = [str(p) for p in ds.shard_paths()]
-    con = duckdb.connect()
+    con = _connect()
     tokens_sql = "SELECT unnest(teacher_logprobs) AS x FROM read_parquet(?)"
     dist = _distribution(con, tokens_sql, [files])
     hist_rows = con.execute(
