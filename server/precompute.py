@@ -184,28 +184,23 @@ def _score_parts(
 ) -> None:
     from .teachers import load_teacher
 
-    teacher = load_teacher(
-        cfg.backend,
-        cfg.teacher,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        temperature=cfg.temperature,
-        max_batch_tokens=cfg.max_batch_tokens,
-        max_batch_size=cfg.max_batch_size,
-    )
+    def load(model_dir: Path, temperature: float) -> Any:
+        return load_teacher(
+            cfg.backend,
+            model_dir,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            temperature=temperature,
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_batch_size=cfg.max_batch_size,
+        )
+
+    teacher = load(cfg.teacher, cfg.temperature)
     if teacher.info.fingerprint != plan.provenance.teacher.fingerprint:
         raise TeacherMismatch(f"{cfg.teacher} changed on disk while the job was starting; run it again")
     policy = None
     if cfg.rollout_policy is not None and not all(r.has_rollout_logprobs for r in scan.records):
-        policy = load_teacher(
-            cfg.backend,
-            cfg.rollout_policy,
-            device=cfg.device,
-            dtype=cfg.dtype,
-            temperature=cfg.rollout_temperature,
-            max_batch_tokens=cfg.max_batch_tokens,
-            max_batch_size=cfg.max_batch_size,
-        )
+        policy = load(cfg.rollout_policy, cfg.rollout_temperature)
     todo_samples = sum(plan.parts[i].num_samples for i in todo)
     bar = tqdm(
         total=my_samples,
