@@ -1,0 +1,58 @@
+"""Reading rollout files: validate everything once, keep only where each record is, read back on demand.
+
+Rollouts are samples from the student policy that the teacher scores. They come as JSONL
+(`.jsonl`, `.jsonl.gz`) or Parquet (`.parquet`) files; a directory stands for every such file in
+it (not recursive), in name order. Every record has a unique `id` (string or integer, kept as a
+string) and exactly one of three forms:
+
+* `prompt_ids` + `response_ids`: lists of token ids exactly as sampled. Preferred: nothing is
+  re-tokenized, so the teacher scores exactly the tokens the policy produced.
+* `messages`: a chat (list of `{role, content}`) whose last message is the assistant turn, the
+  response. The prompt is the chat template applied to the messages before it with
+  `add_generation_prompt=True`. The response is what the templated full conversation adds after
+  that prompt, when the prompt's tokens are a prefix of the conversation's tokens (so the
+  end-of-turn token the policy sampled is part of the response); otherwise it is the assistant
+  content tokenized alone (`add_special_tokens=False`), without an end-of-turn token.
+* `prompt` + `response`: strings. The prompt is tokenized with the tokenizer's default special
+  tokens, the response with `add_special_tokens=False`.
+
+The text forms are re-tokenized, which may not reproduce the sampled tokens; they are counted in
+`RolloutScan.retokenized` so callers can warn about it.
+
+Optional `rollout_logprobs`: the sampling policy's log-prob of each response token (floats <= 0,
+one per response token). Fields other than these (rewards, metadata) are ignored.
+
+Aliases from common generation pipelines are accepted for single fields: `prompt_token_ids` for
+`prompt_ids` (vLLM), `output_token_ids` or `completion_ids` for `response_ids`, `completion` for
+`response` (OpenAI / TRL). Giving a field and one of its aliases together is an error.
+
+Inputs can be millions of records with thousands of tokens each, so the work is split in two:
+`scan_rollouts` streams through every file once, validates every record and keeps only a small
+`RecordRef` per valid record (where it is, and its sizes); `load_rollouts` reads a chosen set of
+records back (seeking to byte offsets in JSONL, reading only the needed row groups of Parquet)
+when a batch is about to be scored.
+"""
+
+from .files import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    ROLLOUT_SUFFIXES,
+    expand_rollout_paths,
+    rollout_files_fingerprint,
+)
+from .records import MAX_LOGPROB
+from .scan import RecordRef, Rollout, RolloutScan, load_rollouts, scan_rollouts
+
+__all__ = [
+    "JSONL_SUFFIXES",
+    "MAX_LOGPROB",
+    "PARQUET_SUFFIXES",
+    "ROLLOUT_SUFFIXES",
+    "RecordRef",
+    "Rollout",
+    "RolloutScan",
+    "expand_rollout_paths",
+    "load_rollouts",
+    "rollout_files_fingerprint",
+    "scan_rollouts",
+]

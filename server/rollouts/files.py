@@ -1,0 +1,279 @@
+"""Rollout files as bytes and rows: which files, their fingerprint, their raw records, and reading some back.
+
+Everything here knows file formats (JSONL, gzipped JSONL, Parquet) and nothing about what a record
+means; `records` interprets what these functions yield. Records are located by an offset whose
+meaning depends on the format (see `RecordRef`): a byte offset in plain JSONL, a line index in
+`.jsonl.gz` (gzip cannot seek), a row index in Parquet.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lopd.errors import InvalidInput
+
+from .records import _FIELDS
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+PARQUET_SUFFIXES = (".parquet",)
+ROLLOUT_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
+_PARQUET_BATCH_ROWS = 512
+_HASH_BLOCK = 8 * 2**20
+
+
+# ----------------------------------------------------------------------------------------- paths
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(".jsonl.gz"):
+        return "jsonl.gz"
+    if name.endswith(".jsonl"):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return None
+
+
+def expand_rollout_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """The rollout files named by `paths`, in order; a directory stands for its rollout files, sorted.
+
+    In a directory, files with other suffixes (READMEs, `.crc`) and hidden files (names starting
+    with `.` or `_`, as Spark and Hadoop write them) are skipped; subdirectories are not read.
+    A missing path, a file with an unknown suffix, a directory without rollout files, or a file
+    named twice raises `InvalidInput` naming it.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise InvalidInput(
+            "no rollout files given; pass one or more .jsonl, .jsonl.gz or .parquet files or directories"
+        )
+    out: list[Path] = []
+    seen: dict[Path, str] = {}
+    for given in paths:
+        p = Path(given)
+        if p.is_dir():
+            files = sorted(
+                c for c in p.iterdir() if c.is_file() and _kind(c) is not None and not c.name.startswith((".", "_"))
+            )
+            if not files:
+                raise InvalidInput(f"rollout directory {p} contains no rollout files ({', '.join(ROLLOUT_SUFFIXES)})")
+        elif p.is_file():
+            if _kind(p) is None:
+                raise InvalidInput(
+                    f"rollout file {p} has an unknown suffix; expected one of {', '.join(ROLLOUT_SUFFIXES)}"
+                )
+            files = [p]
+        elif p.exists():
+            raise InvalidInput(f"rollout path {p} is neither a file nor a directory")
+        else:
+            raise InvalidInput(f"rollout path {p} does not exist")
+        for f in files:
+            key = f.resolve()
+            if key in seen:
+                raise InvalidInput(f"rollout file {f} is given more than once (also as {seen[key]})")
+            seen[key] = str(f)
+            out.append(f)
+    return out
+
+
+def _display_names(paths: Sequence[Path]) -> list[str]:
+    """File names for locators; full paths when two inputs share a file name."""
+    names = [p.name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [str(p) for p in paths]
+
+
+def _hash_file_into(h: Any, path: Path) -> None:
+    size = path.stat().st_size
+    h.update(struct.pack("<Q", size))
+    read = 0
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+            read += len(block)
+    if read != size:
+        raise InvalidInput(f"rollout file {path} changed while it was being read")
+
+
+def rollout_files_fingerprint(paths: Sequence[str | Path]) -> str:
+    """`sha256:<hex>` over the files' bytes in order, each preceded by its size (8 bytes, little-endian).
+
+    `scan_rollouts` computes the same value as `RolloutScan.input_fingerprint` while it reads;
+    this recomputes it without parsing, e.g. to check that inputs did not change before resuming.
+    """
+    h = hashlib.sha256()
+    for p in paths:
+        _hash_file_into(h, Path(p))
+    return "sha256:" + h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ raw records
+
+
+def _iter_jsonl(path: Path, kind: str, h: Any) -> Iterator[tuple[int, int, bytes]]:
+    """(offset, 1-based line number, line) for every non-blank line; hashes a plain file's bytes into `h`."""
+    if kind == "jsonl":
+        size = path.stat().st_size
+        h.update(struct.pack("<Q", size))
+        pos = 0
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                h.update(line)
+                start, pos = pos, pos + len(line)
+                if line.strip():
+                    yield start, lineno, line
+        if pos != size:
+            raise InvalidInput(f"rollout file {path} changed while it was being read")
+        return
+    _hash_file_into(h, path)
+    lineno = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield lineno - 1, lineno, line
+    except (OSError, EOFError, zlib.error) as e:
+        raise InvalidInput(f"cannot read {path} (after line {lineno}): {e}; is it a complete gzip file?") from e
+
+
+class _ListColumn:
+    """Rows of an Arrow list-of-numbers column as numpy slices, without converting to Python lists."""
+
+    def __init__(self, col: Any) -> None:
+        self.offsets = col.offsets.to_numpy()
+        self.values = col.values.to_numpy(zero_copy_only=False)
+        self.valid = col.is_valid().to_numpy(zero_copy_only=False)
+
+    def __getitem__(self, i: int) -> np.ndarray | None:
+        if not self.valid[i]:
+            return None
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+
+def _column_rows(col: Any) -> Any:
+    import pyarrow as pa
+
+    t = col.type
+    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+        pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)
+    ):
+        if col.values.null_count == 0:
+            return _ListColumn(col)
+    return col.to_pylist()
+
+
+def _batch_rows(batch: Any) -> tuple[list[str], list[Any]]:
+    return list(batch.schema.names), [_column_rows(c) for c in batch.columns]
+
+
+def _parquet_file(path: Path) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise InvalidInput(f"cannot read Parquet file {path}: {e}") from e
+
+
+def _parquet_columns(pf: Any) -> list[str]:
+    names = set(pf.schema_arrow.names)
+    return [c for c in _FIELDS if c in names]
+
+
+def _iter_parquet(path: Path, h: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row index, row as a dict of the known fields) for every row, reading batches of rows."""
+    import pyarrow as pa
+
+    _hash_file_into(h, path)
+    pf = _parquet_file(path)
+    columns = _parquet_columns(pf)
+    row = 0
+    try:
+        if not columns:
+            for row in range(pf.metadata.num_rows):
+                yield row, {}
+            return
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            names, cols = _batch_rows(batch)
+            for i in range(batch.num_rows):
+                yield row, {n: c[i] for n, c in zip(names, cols)}
+                row += 1
+    except (pa.ArrowException, OSError) as e:
+        raise InvalidInput(f"cannot read Parquet file {path} (near row {row}): {e}") from e
+
+
+# ---------------------------------------------------------------------------------- read back
+
+
+def _load_jsonl(path: Path, wanted: list[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+    """(request index, line) for (request index, offset) pairs; offsets are byte offsets."""
+    with open(path, "rb") as f:
+        for k, offset in sorted(wanted, key=lambda kv: kv[1]):
+            f.seek(offset)
+            yield k, f.readline()
+
+
+def _load_jsonl_gz(path: Path, wanted: list[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+    """(request index, line) for (request index, 0-based line index) pairs, in one pass over the file."""
+    by_line: dict[int, list[int]] = {}
+    for k, line_index in wanted:
+        by_line.setdefault(line_index, []).append(k)
+    last = max(by_line)
+    try:
+        with gzip.open(path, "rb") as f:
+            for i, line in enumerate(f):
+                for k in by_line.get(i, ()):
+                    yield k, line
+                if i >= last:
+                    return
+    except (OSError, EOFError, zlib.error) as e:
+        raise InvalidInput(f"cannot read {path}: {e}") from e
+    raise InvalidInput(f"rollout file {path} changed since it was scanned: it has fewer than {last + 1} lines")
+
+
+def _load_parquet(path: Path, wanted: list[tuple[int, int]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(request index, row) for (request index, row index) pairs, reading only the row groups needed."""
+    import pyarrow as pa
+
+    pf = _parquet_file(path)
+    columns = _parquet_columns(pf)
+    md = pf.metadata
+    starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+    by_group: dict[int, list[tuple[int, int]]] = {}
+    for k, row in wanted:
+        if not 0 <= row < starts[-1]:
+            raise InvalidInput(f"rollout file {path} changed since it was scanned: it has no row {row}")
+        g = int(np.searchsorted(starts, row, side="right")) - 1
+        by_group.setdefault(g, []).append((k, row))
+    try:
+        for g in sorted(by_group):
+            if not columns:
+                for k, _ in by_group[g]:
+                    yield k, {}
+                continue
+            todo = sorted(by_group[g], key=lambda kv: kv[1])
+            j = 0
+            start = int(starts[g])
+            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=[g], columns=columns):
+                end = start + batch.num_rows
+                if j < len(todo) and todo[j][1] < end:
+                    names, cols = _batch_rows(batch)
+                    while j < len(todo) and todo[j][1] < end:
+                        k, row = todo[j]
+                        yield k, {n: c[row - start] for n, c in zip(names, cols)}
+                        j += 1
+                start = end
+    except (pa.ArrowException, OSError) as e:
+        raise InvalidInput(f"cannot read Parquet file {path}: {e}") from e

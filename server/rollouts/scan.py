@@ -1,0 +1,246 @@
+"""The two phases: `scan_rollouts` validates every record once and keeps light refs; `load_rollouts` reads refs back.
+
+Also the dataclasses they return. File access is in `files`, record interpretation in `records`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lopd.errors import InvalidInput
+
+from .files import (
+    _display_names,
+    _iter_jsonl,
+    _iter_parquet,
+    _kind,
+    _load_jsonl,
+    _load_jsonl_gz,
+    _load_parquet,
+    expand_rollout_paths,
+)
+from .records import _Bad, _interpret
+
+_DUP_LOCATIONS_SHOWN = 5
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRef:
+    """A valid record, light: where to find it again, and its sizes.
+
+    `offset` is the byte offset of the record's line in a plain JSONL file, the 0-based line index
+    in a `.jsonl.gz` file (gzip cannot seek), and the 0-based row index in a Parquet file.
+    """
+
+    id: str
+    source: int
+    offset: int
+    prompt_len: int
+    response_len: int
+    has_rollout_logprobs: bool
+    retokenized: bool
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One rollout with its tokens, ready to score."""
+
+    id: str
+    prompt_ids: np.ndarray  # int32
+    response_ids: np.ndarray  # int32
+    rollout_logprobs: np.ndarray | None  # float32, same length as response_ids
+    retokenized: bool
+
+
+@dataclass
+class RolloutScan:
+    """What `scan_rollouts` found: the valid records, the bad ones, and a fingerprint of the input."""
+
+    paths: list[Path]
+    records: list[RecordRef]  # the valid records, in input order (files in order, then lines/rows)
+    problems: list[tuple[str, str]]  # (id or locator, reason) for every bad record, in input order
+    total: int  # records seen
+    retokenized: int  # valid records that came as text
+    input_fingerprint: str  # "sha256:<hex>" over the input files' bytes
+
+    @property
+    def num_tokens(self) -> int:
+        """Response tokens of the valid records (the positions the teacher scores)."""
+        return sum(r.response_len for r in self.records)
+
+
+# ------------------------------------------------------------------------------------------- scan
+
+
+def _check_positive(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+        raise InvalidInput(f"{name} must be a positive integer, got {v!r}")
+
+
+def scan_rollouts(
+    paths: Sequence[str | Path],
+    tokenizer: Any,
+    *,
+    vocab_size: int,
+    max_context: int,
+    progress: bool = False,
+) -> RolloutScan:
+    """Validate every record of the rollout files, keeping only a `RecordRef` per valid record.
+
+    Bad records do not raise: they are returned in `problems` as (id, reason), or (locator, reason)
+    when the record has no usable id. Locators are `file:LINE` (1-based) for JSONL and
+    `file:row ROW` (0-based) for Parquet, with the file's name (its path when two inputs share a
+    name). Every record that shares an id with another is bad, since there is no telling which one
+    is meant. `tokenizer` may be None when every record gives token ids. Unusable paths and
+    unreadable files raise `InvalidInput`.
+    """
+    _check_positive("vocab_size", vocab_size)
+    _check_positive("max_context", max_context)
+    files = expand_rollout_paths(paths)
+    names = _display_names(files)
+    h = hashlib.sha256()
+
+    entries: list[Any] = []  # RecordRef for a valid record, (label, reason) for a bad one
+    ent_source = array("q")
+    ent_pos = array("q")  # JSONL: 1-based line number; Parquet: 0-based row
+    first_at: dict[str, int] = {}
+    dups: dict[str, list[int]] = {}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="scan rollouts", unit=" rec", disable=not progress)
+    try:
+        for source, path in enumerate(files):
+            kind = _kind(path)
+            if kind == "parquet":
+                raw: Iterator[tuple[int, int, Any]] = ((row, row, obj) for row, obj in _iter_parquet(path, h))
+            else:
+                raw = _iter_jsonl(path, kind, h)  # type: ignore[arg-type]
+            for offset, pos, item in raw:
+                idx = len(entries)
+                ent_source.append(source)
+                ent_pos.append(pos)
+                rid: str | None = None
+                try:
+                    rid, parsed = _interpret(item, tokenizer, vocab_size, max_context)
+                    entries.append(
+                        RecordRef(
+                            id=rid,
+                            source=source,
+                            offset=offset,
+                            prompt_len=int(parsed.prompt_ids.size),
+                            response_len=int(parsed.response_ids.size),
+                            has_rollout_logprobs=parsed.rollout_logprobs is not None,
+                            retokenized=parsed.retokenized,
+                        )
+                    )
+                except _Bad as e:
+                    rid = e.rid
+                    label = rid if rid is not None else _locator(names, kind, source, pos)
+                    entries.append((label, str(e)))
+                if rid is not None:
+                    first = first_at.setdefault(rid, idx)
+                    if first != idx:
+                        dups.setdefault(rid, [first]).append(idx)
+                if idx % 256 == 255:
+                    bar.update(256)
+        bar.update(len(entries) % 256)
+    finally:
+        bar.close()
+
+    kinds = [_kind(p) for p in files]
+    for rid, idxs in dups.items():
+        # Only the first few locations are named, so an id used a million times stays linear.
+        head = [
+            (j, _locator(names, kinds[ent_source[j]], ent_source[j], ent_pos[j]))
+            for j in idxs[: _DUP_LOCATIONS_SHOWN + 1]
+        ]
+        for idx in idxs:
+            others = [loc for j, loc in head if j != idx][:_DUP_LOCATIONS_SHOWN]
+            shown = ", ".join(others)
+            if len(idxs) - 1 > len(others):
+                shown += f" and {len(idxs) - 1 - len(others)} more"
+            e = entries[idx]
+            if isinstance(e, RecordRef):
+                entries[idx] = (rid, f"duplicate id: also used at {shown}")
+            else:
+                entries[idx] = (e[0], f"{e[1]}; also, the id is used again at {shown}")
+
+    records = [e for e in entries if isinstance(e, RecordRef)]
+    problems = [e for e in entries if not isinstance(e, RecordRef)]
+    return RolloutScan(
+        paths=files,
+        records=records,
+        problems=problems,
+        total=len(entries),
+        retokenized=sum(r.retokenized for r in records),
+        input_fingerprint="sha256:" + h.hexdigest(),
+    )
+
+
+def _locator(names: list[str], kind: str | None, source: int, pos: int) -> str:
+    return f"{names[source]}:row {pos}" if kind == "parquet" else f"{names[source]}:{pos}"
+
+
+def load_rollouts(scan: RolloutScan, refs: Sequence[RecordRef], tokenizer: Any) -> list[Rollout]:
+    """Read exactly these records back, in the order of `refs`.
+
+    Text forms are re-tokenized the same way `scan_rollouts` did (so pass the same tokenizer).
+    Raises `InvalidInput` when a record no longer matches its ref (the file changed since the scan).
+    """
+    by_source: dict[int, list[tuple[int, int]]] = {}
+    for k, ref in enumerate(refs):
+        if not 0 <= ref.source < len(scan.paths):
+            raise InvalidInput(
+                f"record {ref.id!r} refers to input file #{ref.source}, but the scan has {len(scan.paths)} files"
+            )
+        by_source.setdefault(ref.source, []).append((k, ref.offset))
+
+    out: list[Rollout | None] = [None] * len(refs)
+    for source, wanted in by_source.items():
+        path = scan.paths[source]
+        kind = _kind(path)
+        if kind == "parquet":
+            items: Iterator[tuple[int, Any]] = _load_parquet(path, wanted)
+        elif kind == "jsonl.gz":
+            items = _load_jsonl_gz(path, wanted)
+        else:
+            items = _load_jsonl(path, wanted)
+        for k, item in items:
+            ref = refs[k]
+            try:
+                rid, parsed = _interpret(item, tokenizer, None, None)
+                if rid != ref.id:
+                    raise _Bad(f"found id {rid!r} where {ref.id!r} was")
+            except _Bad as e:
+                raise InvalidInput(
+                    f"rollout file {path} changed since it was scanned (record {ref.id!r}: {e}); scan it again"
+                ) from None
+            if (
+                parsed.prompt_ids.size != ref.prompt_len
+                or parsed.response_ids.size != ref.response_len
+                or (parsed.rollout_logprobs is not None) != ref.has_rollout_logprobs
+                or parsed.retokenized != ref.retokenized
+            ):
+                raise InvalidInput(
+                    f"record {ref.id!r} in {path} no longer matches the scan (lengths or fields differ); "
+                    "the file or the tokenizer changed since it was scanned; scan it again"
+                )
+            out[k] = Rollout(
+                id=ref.id,
+                prompt_ids=parsed.prompt_ids,
+                response_ids=parsed.response_ids,
+                rollout_logprobs=parsed.rollout_logprobs,
+                retokenized=parsed.retokenized,
+            )
+    missing = [refs[k].id for k, r in enumerate(out) if r is None]
+    if missing:  # only reachable if a file shrank under us
+        raise InvalidInput(f"could not read back records {missing[:5]}; the inputs changed since the scan")
+    return out  # type: ignore[return-value]
