@@ -17,6 +17,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from lopd.errors import LopdError
+from lopd.server.api.command import serve
 
 app = typer.Typer(
     name="lopd",
@@ -246,6 +247,9 @@ def demo(
         run_demo(run_dir, samples=samples, echo=typer.echo)
     except LopdError as e:
         _fail(e)
+
+
+app.command()(serve)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -35,7 +35,7 @@ _VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 
 
 def validate_name(name: str) -> str:
-    if not _NAME_RE.match(name) or ".." in name:
+    if not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidInput(
             f"invalid dataset name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -52,7 +52,7 @@ def version_dir_name(version: int) -> str:
 
 
 def parse_version_dir(name: str) -> int | None:
-    m = _VERSION_RE.match(name)
+    m = _VERSION_RE.fullmatch(name)
     return int(m.group(1)) if m else None
 
 

@@ -120,7 +120,7 @@ def _distribution(con: duckdb.DuckDBPyConnection, expr_sql: str, params: list[ob
     )
 
 
-def _progress(store: Path, name: str) -> list[RunProgress]:
+def progress(store: Path, name: str) -> list[RunProgress]:
     out = []
     for d, plan in list_staging_plans(store, name):
         done = [p for p in plan.parts if (d / f"part-{p.index:06d}.parquet").exists()]
@@ -139,13 +139,13 @@ def _progress(store: Path, name: str) -> list[RunProgress]:
 def coverage(store_root: str | Path, name: str, version: int | None = None) -> CoverageStats:
     store = Store(store_root)
     exists = layout.dataset_dir(store.root, name).is_dir()
-    progress = _progress(store.root, name) if exists else []
+    running = progress(store.root, name) if exists else []
     if not (exists and published_versions(store.root, name)):
-        if progress:  # nothing published yet, but a run is writing: report its progress
+        if running:  # nothing published yet, but a run is writing: report its progress
             return CoverageStats(
                 dataset=name, version=None, input_records=0, scored=0, skipped=0, skipped_by_reason={},
                 num_prompt_tokens=0, num_response_tokens=0, response_length=None, prompt_length=None,
-                shards=0, bytes=0, bytes_per_response_token=None, in_progress=progress,
+                shards=0, bytes=0, bytes_per_response_token=None, in_progress=running,
             )  # fmt: skip
         store.versions(name)  # raises NotFound with the catalogue in the message
     ds = store.open(name, version, verify=False)
@@ -170,7 +170,7 @@ def coverage(store_root: str | Path, name: str, version: int | None = None) -> C
         shards=len(m.files),
         bytes=total_bytes,
         bytes_per_response_token=(total_bytes / m.num_response_tokens) if m.num_response_tokens else None,
-        in_progress=progress,
+        in_progress=running,
     )
 
 

@@ -1,0 +1,360 @@
+"""The engine behind the HTTP API: which dataset versions exist, which may be served, and their stats.
+
+Routes never touch the filesystem themselves; they ask the catalogue. It
+
+- re-reads the store's list of datasets and published versions at most every `ttl_s` seconds,
+  and at once when asked for a name or version it has not seen, so newly published versions
+  appear without a restart;
+- verifies every file of a version against its manifest before serving it (on first use, or
+  ahead of time in a background thread), and remembers a version that fails as a problem that
+  is never served (`Corrupt` -> 503) and is listed by /readyz;
+- caches what is immutable per version: opened `Dataset`s, per-sample token counts (for the
+  batch token limit) and the DuckDB statistics.
+
+Names given by clients are validated and then only looked up in the scanned catalogue; the only
+paths built are from names found on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lopd.errors import Corrupt, InvalidInput, LopdError, NotFound
+from lopd.storage import layout, stats
+from lopd.storage.manifest import Manifest, read_manifest
+from lopd.storage.publish import published_versions
+from lopd.storage.reader import Dataset, Store
+from lopd.storage.staging import list_staging_plans
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int]
+T = TypeVar("T")
+_STATS_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """A verified version: safe to serve."""
+
+    dataset: Dataset
+    token_counts: np.ndarray  # prompt + response tokens of every sample, in dataset order
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.dataset.manifest
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    datasets: int
+    problems: list[str]
+
+
+class Catalog:
+    """Thread-safe view of a store for a long-running server (read-only)."""
+
+    def __init__(self, root: str | Path, ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.root = Path(root)
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()  # guards the dicts below; never held during I/O
+        self._scan_lock = threading.Lock()  # one rescan at a time
+        self._versions: dict[str, list[int]] = {}
+        self._staging_only: frozenset[str] = frozenset()
+        self._store_problem: str | None = None
+        self._scanned_at = -math.inf
+        self._scan_started = -math.inf
+        self._served: dict[Key, ServedVersion] = {}
+        self._problems: dict[Key, str] = {}
+        self._manifests: dict[Key, Manifest] = {}
+        self._key_locks: dict[Key, threading.Lock] = {}
+        self._stats: dict[tuple[str, Key], object] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- scanning ---------------------------------------------------------------------------
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Rescan the store if the last scan is older than `ttl_s` (or, with `force`, older than this call)."""
+        asked = self._clock()
+        if not force and asked - self._scanned_at < self.ttl_s:
+            return
+        with self._scan_lock:
+            if self._scan_started >= asked or (not force and self._clock() - self._scanned_at < self.ttl_s):
+                return  # another thread scanned while this one waited
+            self._scan_started = self._clock()
+            versions, staging_only, problem = self._scan()
+            with self._lock:
+                self._versions, self._staging_only, self._store_problem = versions, staging_only, problem
+                self._scanned_at = self._clock()
+                self._forget_removed(versions)
+        if self.pending():
+            self._wake.set()
+
+    def _forget_removed(self, versions: dict[str, list[int]]) -> None:
+        """Drop what is cached about versions an operator deleted (caller holds `_lock`)."""
+
+        def gone(key: Key) -> bool:
+            return key[1] not in versions.get(key[0], ())
+
+        for cache in (self._served, self._problems, self._manifests):
+            for key in [k for k in cache if gone(k)]:
+                del cache[key]
+        for stat_key in [k for k in self._stats if gone(k[1])]:
+            del self._stats[stat_key]
+
+    def _scan(self) -> tuple[dict[str, list[int]], frozenset[str], str | None]:
+        try:
+            Store(self.root)
+            entries = sorted(self.root.iterdir())
+        except (LopdError, OSError, ValueError):
+            return {}, frozenset(), f"store unavailable: no readable {layout.STORE_MARKER} in the configured directory"
+        versions: dict[str, list[int]] = {}
+        staging_only: set[str] = set()
+        for p in entries:
+            try:
+                if p.name.startswith(".") or not p.is_dir():
+                    continue
+                name = layout.validate_name(p.name)
+                found = published_versions(self.root, name)
+                if found:
+                    versions[name] = found
+                elif list_staging_plans(self.root, name):
+                    staging_only.add(name)
+            except (InvalidInput, OSError):
+                continue  # not a dataset directory, or vanished while scanning
+        return versions, frozenset(staging_only), None
+
+    # -- lookup -----------------------------------------------------------------------------
+
+    def resolve(self, name: str, version: int | None = None) -> Key:
+        """The (name, version) a request means; the latest published version when `version` is None."""
+        layout.validate_name(name)
+        self.refresh()
+        key = self._find(name, version)
+        if key is None:
+            self.refresh(force=True)
+            key = self._find(name, version)
+        if key is None:
+            with self._lock:
+                known, store_problem = self._versions.get(name), self._store_problem
+            if store_problem:
+                raise Corrupt(store_problem)
+            if known:
+                raise NotFound(f"dataset {name!r} has no version {version}; published versions: {known}")
+            raise NotFound(f"no dataset {name!r}; GET /v1/datasets lists them")
+        return key
+
+    def _find(self, name: str, version: int | None) -> Key | None:
+        with self._lock:
+            versions = self._versions.get(name)
+        if not versions:
+            return None
+        if version is None:
+            return name, versions[-1]
+        return (name, version) if version in versions else None
+
+    def open(self, name: str, version: int | None = None) -> ServedVersion:
+        """A verified version; raises `Corrupt` for one that failed verification."""
+        key = self.resolve(name, version)
+        self._verify(key)
+        with self._lock:
+            served, problem = self._served.get(key), self._problems.get(key)
+        if served is None:
+            raise Corrupt(f"dataset {key[0]!r} v{key[1]} failed verification and is not served: {problem}")
+        return served
+
+    def listing(self) -> list[tuple[Manifest, list[int]]]:
+        """Per dataset: the latest version's manifest and the versions not known to be damaged.
+
+        A dataset whose latest version failed verification is left out (its routes answer 503 and
+        /readyz lists it); manifests are read without verifying the shards, which is what `open` is for.
+        """
+        self.refresh()
+        with self._lock:
+            catalogue = dict(self._versions)
+        out = []
+        for name, versions in sorted(catalogue.items()):
+            manifest = self._manifest((name, versions[-1]))
+            if manifest is None:
+                continue
+            with self._lock:
+                good = [v for v in versions if (name, v) not in self._problems]
+            out.append((manifest, good))
+        return out
+
+    def _manifest(self, key: Key) -> Manifest | None:
+        with self._lock:
+            if key in self._problems:
+                return None
+            manifest = self._manifests.get(key)
+        if manifest is None:
+            try:
+                manifest = _read_checked_manifest(self.root, key)
+            except (LopdError, OSError) as e:
+                self._record_problem(key, e)
+                return None
+            with self._lock:
+                self._manifests[key] = manifest
+        return manifest
+
+    # -- verification -----------------------------------------------------------------------
+
+    def pending(self) -> list[Key]:
+        """Published versions not verified yet."""
+        with self._lock:
+            return [
+                (n, v)
+                for n, vs in self._versions.items()
+                for v in vs
+                if (n, v) not in self._served and (n, v) not in self._problems
+            ]
+
+    def _verify(self, key: Key) -> None:
+        with self._lock:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:  # two requests for a new version verify it once
+            with self._lock:
+                if key in self._served or key in self._problems:
+                    return
+            try:
+                manifest = _read_checked_manifest(self.root, key)
+                dataset = Dataset(layout.version_dir(self.root, *key))
+                dataset.verify()
+                counts = _token_counts(dataset)
+            except (LopdError, OSError, ValueError, pa.ArrowException) as e:
+                self._record_problem(key, e)
+                return
+            with self._lock:
+                self._served[key] = ServedVersion(dataset, counts)
+                self._manifests[key] = manifest
+            log.info("verified %s v%d (%d samples)", key[0], key[1], len(dataset))
+
+    def _record_problem(self, key: Key, err: Exception) -> None:
+        message = str(err).replace(str(self.root.resolve()), "<store>").replace(str(self.root), "<store>")
+        if not isinstance(err, LopdError):
+            message = f"{type(err).__name__}: {message}"
+        log.error("dataset %s v%d is not served: %s", key[0], key[1], message)
+        with self._lock:
+            self._problems[key] = message
+            self._manifests.pop(key, None)
+
+    def readiness(self) -> Readiness:
+        """Ready when the store is there and every published version has been verified intact."""
+        self.refresh()
+        pending = self.pending()
+        with self._lock:
+            problems = [f"dataset {n!r} v{v}: {msg}" for (n, v), msg in sorted(self._problems.items())]
+            if self._store_problem:
+                problems.insert(0, self._store_problem)
+            datasets = len(self._versions)
+        if pending:
+            problems.append(f"checksums of {len(pending)} dataset version(s) are still being verified")
+            self._wake.set()
+        return Readiness(ready=not problems, datasets=datasets, problems=problems)
+
+    def start(self) -> None:
+        """Verify every version in a background thread, so the first requests do not wait for it."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._verify_loop, name="lopd-catalog", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _verify_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+                for key in self.pending():
+                    if self._stop.is_set():
+                        return
+                    self._verify(key)
+            except Exception:  # the loop must outlive any one bad directory
+                log.exception("catalogue refresh failed")
+            self._wake.wait(timeout=max(self.ttl_s, 0.05))
+            self._wake.clear()
+
+    # -- statistics -------------------------------------------------------------------------
+
+    def coverage(self, name: str, version: int | None = None) -> stats.CoverageStats:
+        """Coverage of a version, with the progress of runs writing right now (never cached)."""
+        layout.validate_name(name)
+        self.refresh()
+        if self._find(name, None) is None:
+            self.refresh(force=True)
+        with self._lock:
+            unpublished = name in self._staging_only and name not in self._versions
+        if unpublished and version is None:  # nothing published yet, but a run is writing
+            return stats.coverage(self.root, name)
+        served = self.open(name, version)
+        key = (served.manifest.name, served.manifest.version)
+        base = self._cached("coverage", key, lambda: stats.coverage(self.root, *key))
+        # Runs in progress change while the version does not: recompute just that part.
+        return base.model_copy(update={"in_progress": stats.progress(self.root, key[0])})
+
+    def consistency(self, name: str, version: int | None = None) -> stats.ConsistencyStats:
+        served = self.open(name, version)
+        key = (served.manifest.name, served.manifest.version)
+        return self._cached("consistency", key, lambda: stats.consistency(self.root, *key))
+
+    def _cached(self, kind: str, key: Key, compute: Callable[[], T]) -> T:
+        with self._lock:
+            hit = self._stats.get((kind, key))
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        if hit is not None:
+            return hit  # type: ignore[return-value]
+        with lock:  # concurrent first requests compute once
+            with self._lock:
+                hit = self._stats.get((kind, key))
+            if hit is not None:
+                return hit  # type: ignore[return-value]
+            value = compute()
+            with self._lock:
+                if len(self._stats) >= _STATS_CACHE_SIZE:
+                    self._stats.pop(next(iter(self._stats)))
+                self._stats[(kind, key)] = value
+            return value
+
+
+def _read_checked_manifest(root: Path, key: Key) -> Manifest:
+    manifest = read_manifest(layout.version_dir(root, *key) / layout.MANIFEST)
+    if (manifest.name, manifest.version) != key:
+        raise Corrupt(f"the manifest in {key[0]}/v{key[1]} describes {manifest.name!r} v{manifest.version}")
+    return manifest
+
+
+def _token_counts(dataset: Dataset) -> np.ndarray:
+    """Prompt + response tokens per sample, read shard by shard to bound memory."""
+    parts = []
+    for path in dataset.shard_paths():
+        table = pq.read_table(path, columns=["prompt_ids", "response_ids"])
+        lengths = pc.add(pc.list_value_length(table["prompt_ids"]), pc.list_value_length(table["response_ids"]))
+        parts.append(lengths.to_numpy().astype(np.int64))
+    counts = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if counts.size != len(dataset):
+        raise Corrupt(f"the shards hold {counts.size} samples, the manifest says {len(dataset)}")
+    return counts

@@ -1,0 +1,127 @@
+"""Mapping every error to one JSON shape, in one place.
+
+Routes raise the project's error hierarchy (`lopd.errors`); FastAPI and Starlette raise their
+own validation, 404 and 405 errors. All of them leave here as
+`{"error": {"type": ..., "message": ...}}` with the status the contract names. Messages are
+sanitised: the store's absolute path is replaced by `<store>`, and unexpected exceptions
+answer a fixed text (the traceback goes to the log, never to the client).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lopd.errors import Corrupt, InvalidInput, LopdError, NotFound
+
+from .models import ErrorResponse, ErrorType
+
+log = logging.getLogger(__name__)
+
+
+class TooLarge(InvalidInput):
+    """A request beyond one of the server's limits (413); the message names the limit."""
+
+
+class Unauthorized(LopdError):
+    """A missing or wrong bearer token (401)."""
+
+
+# First match wins: subclasses before their bases.
+_LOPD_STATUS: list[tuple[type[LopdError], int, ErrorType]] = [
+    (TooLarge, 413, "too_large"),
+    (Unauthorized, 401, "unauthorized"),
+    (InvalidInput, 422, "invalid_input"),
+    (NotFound, 404, "not_found"),
+    (Corrupt, 503, "corrupt"),
+]
+_HTTP_TYPES: dict[int, ErrorType] = {
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
+
+# Error responses to declare on routes, so the OpenAPI schema lists every status they answer.
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "The body is not JSON.",
+        401: "Missing or wrong bearer token.",
+        404: "Unknown dataset, version or route.",
+        413: "Beyond max_batch_indices or max_batch_tokens.",
+        422: "Invalid input: dataset name, index out of range, malformed body.",
+        503: "The version failed checksum verification (never served) or the store is unavailable.",
+    }
+    return {s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses}
+
+
+def error_json(status: int, type_: ErrorType, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"type": type_, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _sanitise(request: Request, message: str) -> str:
+    settings = getattr(request.app.state, "settings", None)
+    if settings is not None:
+        for root in {str(settings.store.resolve()), str(settings.store)}:
+            if root not in (".", ""):
+                message = message.replace(root, "<store>")
+    return message
+
+
+async def _lopd_error(request: Request, exc: Exception) -> JSONResponse:
+    for cls, status, type_ in _LOPD_STATUS:
+        if isinstance(exc, cls):
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            return error_json(status, type_, _sanitise(request, str(exc)), headers)
+    # Other domain errors (Conflict, Inconsistent) never come from a read-only route on purpose.
+    return await _unexpected(request, exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    type_ = _HTTP_TYPES.get(status, "invalid_input" if status < 500 else "internal")
+    message = {404: f"no route {request.url.path[:200]!r}", 405: f"{request.method} is not allowed here"}.get(
+        status, str(exc.detail)
+    )
+    headers = dict(exc.headers or {})
+    if status == 405:
+        message += f"; allowed: {headers.get('Allow', 'GET')}"
+    return error_json(status, type_, _sanitise(request, message), headers or None)
+
+
+def _describe_input(value: Any) -> str:
+    if isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 64):
+        return f" (got {value!r})"
+    return ""
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    parts = [
+        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}{_describe_input(e.get('input'))}"
+        for e in errors[:5]
+    ]
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return error_json(422, "invalid_input", _sanitise(request, "; ".join(parts) + more))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_json(500, "internal", "internal server error; the server log has the details")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(LopdError, _lopd_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

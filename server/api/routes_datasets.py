@@ -1,0 +1,191 @@
+"""Dataset routes: catalogue, manifests, samples, batches and statistics (all read-only).
+
+Each route asks the catalogue for a verified version and encodes the answer; nothing here reads
+files. Responses about a version carry `ETag: "<content_hash>"` where the answer depends only on
+the version's immutable content, and answer 304 to a matching `If-None-Match`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+
+from lopd.errors import InvalidInput
+from lopd.storage.manifest import Manifest
+from lopd.storage.stats import ConsistencyStats, CoverageStats
+
+from . import encoding
+from .auth import lab_of
+from .catalog import ServedVersion
+from .deps import CatalogDep, MetricsDep, SettingsDep
+from .errors import TooLarge, error_responses
+from .models import BatchRequest, BatchResponse, DatasetsResponse, DatasetSummary, Sample, TeacherSummary
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+# The rule of `lopd.storage.layout.validate_name`, stated in the schema for clients and fuzzers (a test
+# checks the two agree). Enforced by `validate_name` itself, whose message says how to fix a name.
+NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+Name = Annotated[
+    str, Path(description="Dataset name, as listed by GET /v1/datasets.", json_schema_extra={"pattern": NAME_PATTERN})
+]
+Version = Annotated[int | None, Query(ge=1, description="Dataset version; the latest published by default.")]
+IfNoneMatch = Annotated[str | None, Header(description="An ETag from an earlier answer: 304 if unchanged.")]
+_VERSION_ERRORS = error_responses(401, 404, 422, 503)
+_NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified (the ETag matched)."}}
+
+
+def _etag(served: ServedVersion) -> str:
+    return f'"{served.manifest.content_hash}"'
+
+
+def _not_modified(served: ServedVersion, if_none_match: str | None) -> Response | None:
+    if not if_none_match:
+        return None
+    etag = _etag(served)
+    candidates = {c.strip().removeprefix("W/") for c in if_none_match.split(",")}
+    if "*" in candidates or etag in candidates:
+        return Response(status_code=304, headers={"ETag": etag})
+    return None
+
+
+def _check_indices(indices: Sequence[int], n: int, name: str, version: int) -> np.ndarray:
+    for i in indices:  # before numpy: a huge int must be a 422, not an overflow
+        if i < 0 or i >= n:
+            raise InvalidInput(f"index {i} is out of range for {name!r} v{version} (0..{n - 1})")
+    return np.asarray(indices, dtype=np.int64)
+
+
+@router.get("", response_model=DatasetsResponse, responses=error_responses(401))
+def list_datasets(catalog: CatalogDep) -> DatasetsResponse:
+    """Every dataset with a published version, described by its latest version."""
+    out = []
+    for m, versions in catalog.listing():
+        p = m.provenance
+        out.append(
+            DatasetSummary(
+                name=m.name,
+                version=m.version,
+                versions=versions,
+                num_samples=m.num_samples,
+                num_response_tokens=m.num_response_tokens,
+                teacher=TeacherSummary(
+                    name_or_path=p.teacher.name_or_path,
+                    fingerprint=p.teacher.fingerprint,
+                    architecture=p.teacher.architecture,
+                ),
+                tokenizer_fingerprint=p.tokenizer_fingerprint,
+                sft_teacher_fingerprint=p.sft_teacher_fingerprint,
+                verdict=p.consistency.verdict,
+                content_hash=m.content_hash,
+            )
+        )
+    return DatasetsResponse(datasets=out)
+
+
+@router.get("/{name}", response_model=Manifest, responses={**_NOT_MODIFIED, **_VERSION_ERRORS})
+def get_manifest(
+    name: Name, catalog: CatalogDep, response: Response, version: Version = None, if_none_match: IfNoneMatch = None
+) -> Any:
+    """The version's manifest: files, checksums, coverage counts and provenance."""
+    served = catalog.open(name, version)
+    if (cached := _not_modified(served, if_none_match)) is not None:
+        return cached
+    response.headers["ETag"] = _etag(served)
+    return served.manifest
+
+
+@router.get(
+    "/{name}/samples/{index}",
+    response_model=None,
+    responses={200: {"model": Sample, "description": "The sample."}, **_NOT_MODIFIED, **_VERSION_ERRORS},
+)
+def get_sample(
+    name: Name,
+    index: Annotated[int, Path(ge=0, description="Dataset index, 0..num_samples-1.")],
+    request: Request,
+    catalog: CatalogDep,
+    metrics: MetricsDep,
+    version: Version = None,
+    if_none_match: IfNoneMatch = None,
+) -> Response:
+    """One sample as JSON."""
+    served = catalog.open(name, version)
+    m = served.manifest
+    idx = _check_indices([index], len(served), m.name, m.version)
+    if (cached := _not_modified(served, if_none_match)) is not None:
+        return cached
+    body = encoding.dumps(encoding.sample_dicts(served.dataset.take(idx), idx)[0])
+    metrics.served(m.name, m.version, lab_of(request), samples=1, nbytes=len(body))
+    return Response(body, media_type=encoding.JSON, headers={"ETag": _etag(served)})
+
+
+@router.post(
+    "/{name}/batch",
+    response_model=None,
+    responses={
+        200: {
+            "model": BatchResponse,
+            "description": "The samples in the requested order: an Arrow IPC stream (default) or JSON.",
+            "content": {encoding.ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **error_responses(400, 401, 404, 413, 422, 503),
+    },
+)
+def get_batch(
+    name: Name,
+    body: BatchRequest,
+    request: Request,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Response:
+    """Samples by dataset index, in the order given (repeats allowed), within the server's limits."""
+    if len(body.indices) > settings.max_batch_indices:
+        raise TooLarge(
+            f"{len(body.indices)} indices in one batch; the limit max_batch_indices is "
+            f"{settings.max_batch_indices}: split the request"
+        )
+    served = catalog.open(name, body.version)
+    m = served.manifest
+    idx = _check_indices(body.indices, len(served), m.name, m.version)
+    tokens = int(served.token_counts[idx].sum())
+    if tokens > settings.max_batch_tokens:
+        raise TooLarge(
+            f"the batch holds {tokens} prompt+response tokens; the limit max_batch_tokens is "
+            f"{settings.max_batch_tokens}: ask for fewer samples per request"
+        )
+    table = served.dataset.take(idx)
+    if encoding.wants_json(accept):
+        payload = {"dataset": m.name, "version": m.version, "samples": encoding.sample_dicts(table, idx)}
+        content, media_type = encoding.dumps(payload), encoding.JSON
+    else:
+        content, media_type = encoding.arrow_stream(table), encoding.ARROW_STREAM
+    metrics.served(m.name, m.version, lab_of(request), samples=len(idx), nbytes=len(content))
+    headers = {"X-Lopd-Dataset": m.name, "X-Lopd-Version": str(m.version), "X-Lopd-Content-Hash": m.content_hash}
+    return Response(content, media_type=media_type, headers=headers)
+
+
+@router.get("/{name}/coverage", response_model=CoverageStats, responses=error_responses(401, 404, 422, 503))
+def get_coverage(name: Name, catalog: CatalogDep, version: Version = None) -> CoverageStats:
+    """Samples scored and skipped, token counts, lengths, shards, and runs still writing (`in_progress`).
+
+    No ETag: runs in progress change while the version does not.
+    """
+    return catalog.coverage(name, version)
+
+
+@router.get("/{name}/consistency", response_model=ConsistencyStats, responses={**_NOT_MODIFIED, **_VERSION_ERRORS})
+def get_consistency(
+    name: Name, catalog: CatalogDep, response: Response, version: Version = None, if_none_match: IfNoneMatch = None
+) -> Any:
+    """Fingerprints, the teacher-consistency verdict and the teacher log-prob distribution."""
+    served = catalog.open(name, version)
+    if (cached := _not_modified(served, if_none_match)) is not None:
+        return cached
+    response.headers["ETag"] = _etag(served)
+    return catalog.consistency(served.manifest.name, served.manifest.version)

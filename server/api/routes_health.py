@@ -1,0 +1,30 @@
+"""Liveness and readiness: public (no token), cheap, and honest about a damaged store."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from .deps import CatalogDep
+from .models import LivezResponse, ReadyResponse, UnavailableResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/livez", response_model=LivezResponse)
+async def livez() -> LivezResponse:
+    """200 while the process is up (no I/O: it must answer even when the store is unreachable)."""
+    return LivezResponse()
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    responses={503: {"model": UnavailableResponse, "description": "Store missing or a version failed verification."}},
+)
+def readyz(catalog: CatalogDep) -> ReadyResponse | JSONResponse:
+    """200 once the store is there and every published version's checksums matched; 503 listing why not."""
+    state = catalog.readiness()
+    if not state.ready:
+        return JSONResponse(UnavailableResponse(problems=state.problems).model_dump(), status_code=503)
+    return ReadyResponse(datasets=state.datasets)

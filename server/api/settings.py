@@ -1,0 +1,42 @@
+"""Settings of one `lopd serve` process: the single source of truth for its knobs.
+
+Every field can come from the environment with the `LOPD_` prefix (`LOPD_MAX_BATCH_TOKENS=...`),
+so a deployment can tune limits without changing the command line; arguments given to the
+constructor (the CLI flags) win over the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class ServerSettings(BaseSettings):
+    """How to serve a store; the defaults are safe for a single machine (loopback only)."""
+
+    model_config = SettingsConfigDict(env_prefix="LOPD_", extra="ignore", frozen=True)
+
+    store: Path = Field(description="Store directory to serve (read-only).")
+    host: str = Field(default="127.0.0.1", description="Interface to bind; loopback unless told otherwise.")
+    port: int = Field(default=8000, ge=0, le=65535)
+    tokens_file: Path | None = Field(
+        default=None, description='JSON {"<token>": "<lab>"}; when set, every data route needs a bearer token.'
+    )
+    max_batch_indices: int = Field(default=4096, ge=1, description="Most indices one batch may ask for.")
+    max_batch_tokens: int = Field(
+        default=8_388_608, ge=1, description="Most prompt+response tokens one batch response may hold."
+    )
+    catalog_ttl_s: float = Field(
+        default=2.0, ge=0.0, description="Longest time a newly published version can stay unseen."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    @property
+    def exposed(self) -> bool:
+        """True when the server listens beyond this machine (then it should have tokens)."""
+        return self.host not in LOOPBACK_HOSTS
