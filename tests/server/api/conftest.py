@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,10 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
-from lopd.server.api.app import create_app
+from lopd.server.api.background import serve_in_background
 from lopd.server.api.settings import ServerSettings
 from tests.utils.factories import build_dataset
 
@@ -39,26 +36,8 @@ class Running:
 @contextmanager
 def running_server(settings: ServerSettings) -> Iterator[Running]:
     """`lopd serve`'s app under uvicorn in a thread, on a free loopback port, until the block ends."""
-    app = create_app(settings)
-    # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets that say so (else Nagle adds ~40 ms)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield Running(app=app, base_url=f"http://127.0.0.1:{port}", port=port, store=settings.store)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_in_background(settings) as bg:
+        yield Running(app=bg.app, base_url=bg.base_url, port=bg.port, store=settings.store)
 
 
 def wait_ready(client: httpx.Client, timeout: float = 20) -> httpx.Response:
