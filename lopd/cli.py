@@ -16,6 +16,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from lopd.client.train_command import train
 from lopd.errors import LopdError
 from lopd.server.api.command import serve
 
@@ -250,6 +251,7 @@ def demo(
 
 
 app.command()(serve)
+app.command()(train)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

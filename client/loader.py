@@ -1,0 +1,239 @@
+"""Batches for the trainer: `OPDLoader` (threads) and `OPDIterableDataset` (torch DataLoader).
+
+Both pin the dataset version when they are built (the latest one unless told otherwise), so an
+epoch never mixes two versions, and both check every batch's content hash against it.
+
+Why threads: a batch is one HTTP request plus a numpy scatter, which mostly wait on the network
+or run outside the GIL, so a few threads fetching `prefetch` batches ahead hide the latency
+completely (the trainer's data wait is ~0), without the fork and pickling costs of worker
+processes. `OPDIterableDataset` is there for pipelines built around `torch.utils.data.DataLoader`.
+
+Resume state counts only batches handed to the trainer, never prefetched ones: a checkpoint
+taken right after batch k resumes with batch k + 1, whatever was in flight.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .collate import collate_batch
+from .http import StoreClient
+from .sampler import EpochSampler
+from .types import DatasetInfo
+
+Position = tuple[int, int, np.ndarray]  # (epoch, batch number in the epoch, dataset indices)
+T = TypeVar("T")
+
+
+def prefetched(
+    positions: Iterator[Position], make: Callable[[Position, threading.Event], T], depth: int
+) -> Iterator[tuple[Position, T]]:
+    """`(pos, make(pos, stop))` in order, with up to `depth` calls running ahead in threads.
+
+    Positions are pulled lazily, so an infinite stream is fine; errors surface in order, when
+    their batch is reached. Closing the generator cancels what has not started and sets `stop`,
+    which `make` passes on to the client so that running fetches give up retrying: the pool's
+    threads are joined at interpreter exit, and must not keep a failed trainer alive.
+    """
+    stop = threading.Event()
+    if depth <= 0:
+        for pos in positions:
+            yield pos, make(pos, stop)
+        return
+    pool = ThreadPoolExecutor(max_workers=min(depth, 8), thread_name_prefix="lopd-prefetch")
+    pending: deque[tuple[Position, Future[T]]] = deque()
+    try:
+        for pos in positions:
+            pending.append((pos, pool.submit(make, pos, stop)))
+            if len(pending) > depth:
+                p, fut = pending.popleft()
+                yield p, fut.result()
+        while pending:
+            p, fut = pending.popleft()
+            yield p, fut.result()
+    finally:
+        stop.set()
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _BatchSource:
+    """What the two loaders share: the pinned dataset version, the sampler, fetch + collate."""
+
+    def __init__(
+        self,
+        client: StoreClient,
+        dataset: str,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        version: int | None,
+        drop_last: bool,
+        shuffle: bool,
+        num_epochs: int | None,
+        pad_id: int,
+        pad_to_multiple_of: int | None,
+        info: DatasetInfo | None,
+    ) -> None:
+        if num_epochs is not None and num_epochs < 1:
+            raise ValueError(f"num_epochs is {num_epochs}; use at least 1, or None for no end")
+        self.client = client
+        self.info = info if info is not None else client.manifest(dataset, version)
+        if self.info.name != dataset or (version is not None and self.info.version != version):
+            raise ValueError(
+                f"the dataset info given is for {self.info.name!r} v{self.info.version}, not {dataset!r} v{version}"
+            )
+        self.num_epochs = num_epochs
+        self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.sampler = EpochSampler(
+            self.info.num_samples,
+            batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+            shuffle=shuffle,
+            dataset=self.info.name,
+            version=self.info.version,
+            content_hash=self.info.content_hash,
+        )
+
+    def _epochs_left(self) -> int | None:
+        # num_epochs counts from the start of training, not from a resume point.
+        return None if self.num_epochs is None else max(0, self.num_epochs - self.sampler.epoch)
+
+    def _make(self, pos: Position, stop: threading.Event, pin_memory: bool = False) -> dict[str, Any]:
+        epoch, k, indices = pos
+        table = self.client.fetch(
+            self.info.name, indices, self.info.version, expected_content_hash=self.info.content_hash, cancel=stop
+        )
+        batch = collate_batch(table, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of, indices=indices)
+        if pin_memory:
+            batch = {k_: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k_, v in batch.items()}
+        batch["epoch"] = epoch
+        batch["batch_index"] = k
+        return batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per epoch for this rank."""
+        return len(self.sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class OPDLoader(_BatchSource):
+    """Iterates collated batches (see `collate_batch`) of one dataset version, prefetching in threads.
+
+    Each batch also carries `epoch` and `batch_index`. Iteration runs from the current state to
+    the end of epoch `num_epochs - 1` (None: forever, for step-based training) and advances the
+    state as batches are yielded; `state_dict()` / `load_state_dict()` resume exactly.
+    `version=None` pins the latest version at construction.
+    """
+
+    def __init__(
+        self,
+        client: StoreClient,
+        dataset: str,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 4,
+        version: int | None = None,
+        drop_last: bool = False,
+        shuffle: bool = True,
+        num_epochs: int | None = 1,
+        pad_id: int = 0,
+        pad_to_multiple_of: int | None = None,
+        pin_memory: bool = False,
+        info: DatasetInfo | None = None,
+    ) -> None:
+        super().__init__(
+            client, dataset, batch_size, seed=seed, rank=rank, world_size=world_size, version=version,
+            drop_last=drop_last, shuffle=shuffle, num_epochs=num_epochs, pad_id=pad_id,
+            pad_to_multiple_of=pad_to_multiple_of, info=info,
+        )  # fmt: skip
+        self.prefetch = prefetch
+        self.pin_memory = pin_memory
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stream = prefetched(
+            self.sampler.positions(self._epochs_left()),
+            lambda p, stop: self._make(p, stop, self.pin_memory),
+            self.prefetch,
+        )
+        for _, batch in stream:
+            self.sampler.advance()  # the state counts this batch as soon as the trainer has it
+            yield batch
+
+
+class OPDIterableDataset(_BatchSource, IterableDataset):  # type: ignore[misc]
+    """A `torch.utils.data.IterableDataset` of whole batches, for `DataLoader(ds, batch_size=None, num_workers=W)`.
+
+    Worker w of W fetches every W-th batch of this rank's stream, so DataLoader's round-robin
+    collection yields exactly the `num_workers=0` order. The dataset cannot see what the
+    DataLoader has handed out, so resume state is taken from a batch: save
+    `ds.state_dict_after(batch)` for the last batch trained on, and `load_state_dict` it into a
+    fresh dataset before building the DataLoader. `prefetch` is per worker.
+    """
+
+    def __init__(
+        self,
+        client: StoreClient,
+        dataset: str,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+        version: int | None = None,
+        drop_last: bool = False,
+        shuffle: bool = True,
+        num_epochs: int | None = 1,
+        pad_id: int = 0,
+        pad_to_multiple_of: int | None = None,
+        info: DatasetInfo | None = None,
+    ) -> None:
+        super().__init__(
+            client, dataset, batch_size, seed=seed, rank=rank, world_size=world_size, version=version,
+            drop_last=drop_last, shuffle=shuffle, num_epochs=num_epochs, pad_id=pad_id,
+            pad_to_multiple_of=pad_to_multiple_of, info=info,
+        )  # fmt: skip
+        self.prefetch = prefetch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        w, n = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        positions = self.sampler.worker_positions(w, n, self._epochs_left())
+        for _, batch in prefetched(positions, self._make, self.prefetch):
+            yield batch
+
+    def state_dict_after(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The resume state just after `batch` (one this dataset produced) was consumed."""
+        sampler = copy.copy(self.sampler)
+        sampler.set_position(int(batch["epoch"]), int(batch["batch_index"]) + 1)
+        return sampler.state_dict()

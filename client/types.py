@@ -1,0 +1,119 @@
+"""Small client-side views of the server's JSON answers.
+
+The client depends on the HTTP contract (docs/http-api.md) only, not on the server's or the
+store's Python models, so it parses the few fields it needs into these plain dataclasses and
+keeps the full JSON in `raw` for anything else. Unknown fields are ignored, so a server that adds
+fields does not break an older client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import ProtocolError
+
+
+def _get(d: Any, *path: str, default: Any = None) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return default
+        d = d[key]
+    return d
+
+
+def _require(d: dict[str, Any], key: str, what: str) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        raise ProtocolError(f"{what} has no {key!r} field; is the server speaking HTTP API v1?")
+    return d[key]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a training job must know about one dataset version before it fetches a sample.
+
+    Built from either a `Manifest` (GET /v1/datasets/{name}) or a `DatasetSummary` (an entry of
+    GET /v1/datasets); both carry the identity (`content_hash`) and the provenance fingerprints
+    that the consistency check compares.
+    """
+
+    name: str
+    version: int
+    content_hash: str
+    num_samples: int
+    num_response_tokens: int
+    teacher_fingerprint: str | None
+    tokenizer_fingerprint: str | None
+    sft_teacher_fingerprint: str | None
+    verdict: str  # "consistent" | "inconsistent"
+    mismatch_allowed: bool = False
+    temperature: float | None = None
+    versions: tuple[int, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DatasetInfo:
+        """Parse a manifest or a dataset summary (the two shapes differ only in where fields sit)."""
+        what = "the dataset description"
+        if "provenance" in data:  # a full manifest
+            prov = data["provenance"]
+            consistent = _get(prov, "consistency", "teacher_consistent")
+            verdict = "inconsistent" if consistent is False else ("consistent" if consistent else "unknown")
+            return cls(
+                name=str(_require(data, "name", what)),
+                version=int(_require(data, "version", what)),
+                content_hash=str(_require(data, "content_hash", what)),
+                num_samples=int(_require(data, "num_samples", what)),
+                num_response_tokens=int(data.get("num_response_tokens", 0)),
+                teacher_fingerprint=_get(prov, "teacher", "fingerprint"),
+                tokenizer_fingerprint=_get(prov, "tokenizer_fingerprint"),
+                sft_teacher_fingerprint=_get(prov, "sft_teacher_fingerprint"),
+                verdict=verdict,
+                mismatch_allowed=bool(_get(prov, "consistency", "mismatch_allowed", default=False)),
+                temperature=_get(prov, "temperature"),
+                raw=data,
+            )
+        return cls(  # a DatasetSummary
+            name=str(_require(data, "name", what)),
+            version=int(_require(data, "version", what)),
+            content_hash=str(_require(data, "content_hash", what)),
+            num_samples=int(_require(data, "num_samples", what)),
+            num_response_tokens=int(data.get("num_response_tokens", 0)),
+            teacher_fingerprint=_get(data, "teacher", "fingerprint"),
+            tokenizer_fingerprint=data.get("tokenizer_fingerprint"),
+            sft_teacher_fingerprint=data.get("sft_teacher_fingerprint"),
+            verdict=str(data.get("verdict", "unknown")),
+            versions=tuple(int(v) for v in data.get("versions", ())),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample from the JSON form of the API, with arrays in their stored dtypes."""
+
+    index: int | None
+    sample_id: str
+    prompt_ids: np.ndarray  # int32
+    response_ids: np.ndarray  # int32
+    teacher_logprobs: np.ndarray  # float32, one per response token
+    rollout_logprobs: np.ndarray | None  # float32 or absent
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Sample:
+        # JSON carries each float32 as the shortest decimal that round-trips to it, so parsing
+        # straight to float32 recovers the stored bits exactly.
+        rollout = data.get("rollout_logprobs")
+        try:
+            return cls(
+                index=data.get("index"),
+                sample_id=str(data["sample_id"]),
+                prompt_ids=np.asarray(data["prompt_ids"], dtype=np.int32),
+                response_ids=np.asarray(data["response_ids"], dtype=np.int32),
+                teacher_logprobs=np.asarray(data["teacher_logprobs"], dtype=np.float32),
+                rollout_logprobs=None if rollout is None else np.asarray(rollout, dtype=np.float32),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"malformed sample in a JSON answer: {e}") from e

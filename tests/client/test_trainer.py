@@ -1,0 +1,147 @@
+"""The reference trainer on a tiny model on CPU: steps, checkpoints, exact resume, refusals."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from lopd.client.trainer import CHECKPOINT, METRIC_COLUMNS, METRICS, MODEL_DIR, TrainConfig, train_student
+from lopd.errors import Conflict, NotFound, TokenizerMismatch
+
+
+def _cfg(served, student: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        url=served.url,
+        dataset="scored",
+        student=student,
+        out=out,
+        steps=3,
+        batch_size=4,
+        grad_accum=2,
+        lr=1e-3,
+        seed=0,
+        sft_teacher=served.store.teacher_fingerprint,
+        log_every=1,
+        checkpoint_every=3,
+        prefetch=2,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _run(served, cfg: TrainConfig, lines: list[str] | None = None):
+    echo = lines.append if lines is not None else lambda s: None
+    return train_student(cfg, echo=echo, client=served.client(retries=2, backoff_s=0.01))
+
+
+def _metrics(out: Path) -> list[dict[str, str]]:
+    with open(out / METRICS, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_train_checkpoint_resume_continues_exactly(served, tiny_qwen2_dir, tmp_path):
+    # Reference: five uninterrupted steps.
+    straight = _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "straight", steps=5))
+    assert straight.step == 5
+
+    # Three steps, stop; resume with --steps 5.
+    lines: list[str] = []
+    first = _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "split"), lines)
+    assert first.step == 3
+    ckpt = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)
+    assert ckpt["step"] == 3
+    # 3 steps x 2 micro-batches of 4 = 6 batches = one whole epoch of 24 samples: the loader is at epoch 1.
+    assert (ckpt["loader"]["epoch"], ckpt["loader"]["batches_consumed"]) == (1, 0)
+    assert ckpt["loader"]["content_hash"] == served.client().manifest("scored").content_hash
+    assert "token" not in ckpt["config"]
+    assert (tmp_path / "split" / MODEL_DIR / "config.json").is_file()
+
+    resumed = _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "split", steps=5, resume=True), lines)
+    assert resumed.step == 5
+    assert any("resumed from" in line and "at step 3" in line for line in lines)
+    assert any(line.startswith("step 4/5") for line in lines)
+
+    rows_straight, rows_split = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
+    assert [r["step"] for r in rows_split] == ["1", "2", "3", "4", "5"]
+    assert list(rows_split[0]) == list(METRIC_COLUMNS)
+    for a, b in zip(rows_straight, rows_split):
+        for key in ("loss", "mean_advantage", "reverse_kl", "clip_frac", "tokens", "epoch"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-7), (a["step"], key)
+        assert float(b["data_wait_s"]) >= 0 and float(b["step_time_s"]) > 0 and int(b["tokens"]) > 0
+
+    final_a = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)
+    final_b = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)
+    assert final_a["loader"] == final_b["loader"]
+    for name, tensor in final_a["model"].items():
+        torch.testing.assert_close(final_b["model"][name], tensor, rtol=1e-5, atol=1e-6)
+    # The model actually moved.
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_dir)).state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in final_a["model"].items() if k in initial)
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(served, tiny_qwen2_dir, tmp_path):
+    with pytest.raises(NotFound, match="no checkpoint"):
+        _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "empty", resume=True))
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / CHECKPOINT).write_bytes(b"")
+    with pytest.raises(Conflict, match="--resume"):
+        _run(served, _cfg(served, tiny_qwen2_dir, out))
+
+
+def test_refuses_a_dataset_of_another_tokenizer_before_training(served, tiny_qwen2_dir, tmp_path):
+    # `alpha` records a made-up tokenizer fingerprint: the tiny student's tokenizer is not it.
+    with pytest.raises(TokenizerMismatch):
+        _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "run", dataset="alpha", sft_teacher=None))
+    assert not (tmp_path / "run" / METRICS).exists()
+
+
+def test_declared_sft_teacher_of_another_model_is_refused(served, tiny_qwen2_dir, tiny_llama_b_dir, tmp_path):
+    from lopd.errors import TeacherMismatch
+
+    with pytest.raises(TeacherMismatch, match="teacher consistency"):
+        _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "run", sft_teacher=str(tiny_llama_b_dir)))
+
+
+def test_missing_optional_logger_fails_fast_with_the_fix(served, tiny_qwen2_dir, tmp_path, monkeypatch):
+    import sys
+
+    from lopd.errors import InvalidInput
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
+    with pytest.raises(InvalidInput, match="pip install wandb"):
+        _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "run", wandb=True))
+
+
+@pytest.mark.slow
+def test_train_command_line(served, tiny_qwen2_dir, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from lopd.client.train_command import train
+
+    app = typer.Typer()
+    app.command()(train)
+    out = tmp_path / "cli"
+    args = ["--url", served.url, "--dataset", "scored", "--student", str(tiny_qwen2_dir), "--out", str(out)]
+    args += ["--steps", "2", "--batch-size", "4", "--sft-teacher", served.store.teacher_fingerprint, "--log-every", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "step 2/2" in result.output and (out / CHECKPOINT).is_file()
+    other = ["--url", served.url, "--dataset", "alpha", "--student", str(tiny_qwen2_dir)]
+    refused = CliRunner().invoke(app, other + ["--out", str(tmp_path / "other")])
+    assert refused.exit_code == 2 and "refusing to train" in refused.output
+
+
+@pytest.mark.gpu
+def test_trains_on_cuda(served, tiny_qwen2_dir, tmp_path):
+    import math
+
+    result = _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "cuda", steps=2, device="cuda"))
+    assert result.step == 2 and math.isfinite(result.last_metrics["loss"])
