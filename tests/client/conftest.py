@@ -101,9 +101,6 @@ def client_store(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path,
     return StoreFixture(root=root, samples=samples, teacher_fingerprint=teacher_fp, tokenizer_fingerprint=tok_fp)
 
 
-# -- the stand-in server -------------------------------------------------------------------------
-
-
 # -- the served-store fixture --------------------------------------------------------------------
 
 
