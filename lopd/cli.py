@@ -238,14 +238,15 @@ def demo(
         "demo-run"
     ),
     samples: Annotated[int, typer.Option(help="Rollouts to sample from the student.")] = 64,
+    train_steps: Annotated[int, typer.Option(help="Training steps through the client.")] = 4,
 ) -> None:
-    """End to end on CPU: tiny teacher and student, sample rollouts, precompute, print stats."""
+    """End to end on CPU: tiny models, rollouts, precompute, stats, serve, train through the client."""
     from lopd.server.demo import run_demo
 
     _quiet_transformers()
 
     try:
-        run_demo(run_dir, samples=samples, echo=typer.echo)
+        run_demo(run_dir, samples=samples, train_steps=train_steps, echo=typer.echo)
     except LopdError as e:
         _fail(e)
 
