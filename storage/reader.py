@@ -77,8 +77,9 @@ class Dataset:
         self.path = path
         self.manifest = read_manifest(path / layout.MANIFEST)
         self._starts = np.array([f.first_index for f in self.manifest.files], dtype=np.int64)
-        self._lock = threading.Lock()
-        self._files: dict[int, pq.ParquetFile] = {}
+        # One set of open Parquet handles per thread: a shared handle would need a lock around every
+        # read, which serialised a server's concurrent requests (bench/bench_serving.py).
+        self._local = threading.local()
 
     def __len__(self) -> int:
         return self.manifest.num_samples
@@ -142,19 +143,17 @@ class Dataset:
         rg_starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
         rg_of = np.searchsorted(rg_starts, local, side="right") - 1
         groups = np.unique(rg_of)
-        with self._lock:  # a ParquetFile is not meant to be shared between threads unguarded
-            table = pf.read_row_groups([int(g) for g in groups], columns=cols)
+        table = pf.read_row_groups([int(g) for g in groups], columns=cols)
         base = {int(g): int(sum(md.row_group(int(h)).num_rows for h in groups[:k])) for k, g in enumerate(groups)}
         where = np.array([base[int(g)] + int(r - rg_starts[g]) for r, g in zip(local, rg_of)], dtype=np.int64)
         return table, where
 
     def _parquet(self, file_index: int) -> pq.ParquetFile:
-        with self._lock:
-            pf = self._files.get(file_index)
-            if pf is None:
-                pf = pq.ParquetFile(self.shard_paths()[file_index])
-                self._files[file_index] = pf
-            return pf
+        files: dict[int, pq.ParquetFile] = self._local.__dict__.setdefault("files", {})
+        pf = files.get(file_index)
+        if pf is None:
+            pf = files[file_index] = pq.ParquetFile(self.shard_paths()[file_index])
+        return pf
 
     @cached_property
     def row_lengths(self) -> np.ndarray:

@@ -163,3 +163,18 @@ def test_version_directory_is_read_only_content_addressed(tmp_path):
     m2, _ = build_dataset(tmp_path, "b", n=30, seed=5)
     assert m1.content_hash == m2.content_hash  # same content, same hash (names differ only in directory)
     assert os.path.isfile(layout.version_dir(tmp_path, "a", 1) / layout.MANIFEST)
+
+
+def test_take_from_many_threads_at_once_returns_correct_rows(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, samples = build_dataset(tmp_path, "ds", n=400, per_part=100)
+    ds = Store(tmp_path).open("ds")
+    rng = np.random.default_rng(3)
+    requests = [rng.integers(0, 400, 40).tolist() for _ in range(64)]
+
+    def fetch(idx):
+        return ds.take(idx)["sample_id"].to_pylist() == [samples["ids"][i] for i in idx]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(fetch, requests))
