@@ -205,6 +205,7 @@ class TransformersTeacher:
             peak = logits.amax(dim=-1, keepdim=True)
             lse = logits.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(1))
             result[start:end] = target - lse
+            del logits, lse  # else this chunk is still alive while the next one is allocated: 2x the peak
         return result
 
     @torch.inference_mode()
