@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from . import page, routes_datasets, routes_health, routes_metrics
 from .auth import TokenTable, require_token
+from .body_limit import BodyLimitMiddleware
 from .catalog import Catalog
 from .errors import error_responses, install_error_handlers
 from .metrics import Metrics, MetricsMiddleware
@@ -65,6 +66,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.metrics = metrics = Metrics()
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
 
     auth = [Depends(require_token)] if tokens is not None else []
     app.include_router(routes_health.router)

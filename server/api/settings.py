@@ -31,6 +31,9 @@ class ServerSettings(BaseSettings):
     max_batch_tokens: int = Field(
         default=8_388_608, ge=1, description="Most prompt+response tokens one batch response may hold."
     )
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1, description="Largest request body accepted (a 4096-index batch is ~30 kB)."
+    )
     catalog_ttl_s: float = Field(
         default=2.0, ge=0.0, description="Longest time a newly published version can stay unseen."
     )
