@@ -19,7 +19,7 @@ from lopd.storage.stats import ConsistencyStats, CoverageStats
 
 from . import encoding
 from .auth import lab_of
-from .catalog import ServedVersion
+from .catalog import Catalog, ServedVersion
 from .deps import CatalogDep, MetricsDep, SettingsDep
 from .errors import TooLarge, error_responses
 from .models import BatchRequest, BatchResponse, DatasetsResponse, DatasetSummary, Sample, TeacherSummary
@@ -50,6 +50,17 @@ def _not_modified(served: ServedVersion, if_none_match: str | None) -> Response 
     if "*" in candidates or etag in candidates:
         return Response(status_code=304, headers={"ETag": etag})
     return None
+
+
+def _open_conditional(
+    catalog: Catalog, name: str, version: int | None, if_none_match: str | None, response: Response
+) -> tuple[ServedVersion, Response | None]:
+    """Open a version for a conditional GET: a 304 when the client's copy is current, else tag `response`."""
+    served = catalog.open(name, version)
+    cached = _not_modified(served, if_none_match)
+    if cached is None:
+        response.headers["ETag"] = _etag(served)
+    return served, cached
 
 
 def _check_indices(indices: Sequence[int], n: int, name: str, version: int) -> np.ndarray:
@@ -91,11 +102,8 @@ def get_manifest(
     name: Name, catalog: CatalogDep, response: Response, version: Version = None, if_none_match: IfNoneMatch = None
 ) -> Any:
     """The version's manifest: files, checksums, coverage counts and provenance."""
-    served = catalog.open(name, version)
-    if (cached := _not_modified(served, if_none_match)) is not None:
-        return cached
-    response.headers["ETag"] = _etag(served)
-    return served.manifest
+    served, cached = _open_conditional(catalog, name, version, if_none_match, response)
+    return cached if cached is not None else served.manifest
 
 
 @router.get(
@@ -184,8 +192,5 @@ def get_consistency(
     name: Name, catalog: CatalogDep, response: Response, version: Version = None, if_none_match: IfNoneMatch = None
 ) -> Any:
     """Fingerprints, the teacher-consistency verdict and the teacher log-prob distribution."""
-    served = catalog.open(name, version)
-    if (cached := _not_modified(served, if_none_match)) is not None:
-        return cached
-    response.headers["ETag"] = _etag(served)
-    return catalog.consistency(served.manifest.name, served.manifest.version)
+    served, cached = _open_conditional(catalog, name, version, if_none_match, response)
+    return cached if cached is not None else catalog.consistency(served.manifest.name, served.manifest.version)
