@@ -199,6 +199,49 @@ def stats(
 
 
 @app.command()
+def verify(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    dataset: Annotated[str, typer.Option(help="Dataset name.")],
+    teacher: Annotated[Path, typer.Option(help="The teacher to re-score with (model directory).")],
+    version: Annotated[int | None, typer.Option(help="Version (default: latest).")] = None,
+    samples: Annotated[int, typer.Option(help="How many random samples to re-score.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the random sample.")] = 0,
+    tolerance: Annotated[float, typer.Option(help="Largest accepted |stored - rescored| per token.")] = 1e-3,
+    backend: Annotated[Backend, typer.Option(help="Scoring engine.")] = Backend.transformers,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Re-score a random sample with a teacher; exit 1 if the stored log-probs differ beyond the tolerance."""
+    from lopd.server.verify import verify_dataset
+
+    _quiet_transformers()
+    try:
+        report = verify_dataset(
+            store, dataset, teacher, version=version, samples=samples, seed=seed, tolerance=tolerance,
+            backend=backend.value, device=device, dtype=dtype,
+        )  # fmt: skip
+    except LopdError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        verdict = "PASSED" if report.passed else "FAILED"
+        typer.echo(
+            f"{verdict}: {report.dataset} v{report.version}, {report.samples} samples, {report.tokens} tokens: "
+            f"max |diff| {report.max_abs_diff:.3g}, mean {report.mean_abs_diff:.3g} (tolerance {report.tolerance:g}; "
+            f"worst sample {report.worst_sample_id})"
+        )
+        if not report.fingerprint_matches:
+            typer.echo(
+                f"note: this teacher's fingerprint {report.teacher_fingerprint} is not the manifest's "
+                f"{report.manifest_teacher_fingerprint}"
+            )
+    if not report.passed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def fingerprint(
     model_dir: Annotated[Path, typer.Argument(help="Model directory.")],
     tokenizer: Annotated[bool, typer.Option("--tokenizer", help="Fingerprint the tokenizer instead.")] = False,
