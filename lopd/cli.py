@@ -19,6 +19,7 @@ import typer
 from lopd.client.train_command import train
 from lopd.errors import LopdError
 from lopd.server.api.command import serve
+from lopd.server.interop_command import export, import_
 
 app = typer.Typer(
     name="lopd",
@@ -296,6 +297,8 @@ def demo(
 
 app.command()(serve)
 app.command()(train)
+app.command("export")(export)
+app.command("import")(import_)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias
