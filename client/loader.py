@@ -42,8 +42,8 @@ def prefetched(
 
     Positions are pulled lazily, so an infinite stream is fine; errors surface in order, when
     their batch is reached. Closing the generator cancels what has not started and sets `stop`,
-    which `make` passes on to the client so that running fetches give up retrying: the pool's
-    threads are joined at interpreter exit, and must not keep a failed trainer alive.
+    which `make` passes on to the client so that running fetches give up retrying (a failed
+    trainer is not kept alive by retries), then waits for those running fetches to return.
     """
     stop = threading.Event()
     if depth <= 0:
@@ -62,10 +62,13 @@ def prefetched(
             p, fut = pending.popleft()
             yield p, fut.result()
     finally:
-        stop.set()
+        stop.set()  # running fetches stop retrying at once
         for _, fut in pending:
             fut.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+        # Wait for the (at most `depth`) fetches already running: a thread still decoding Arrow or
+        # building tensors while the process exits, or while its server shuts down, can abort the
+        # process (seen once as `terminate called without an active exception`).
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _BatchSource:

@@ -36,7 +36,9 @@ def serve_in_background(settings: ServerSettings, *, start_timeout_s: float = 20
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    # A bounded graceful shutdown: the thread must be gone before the block ends, never left as a
+    # daemon inside native code when the process exits.
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s
@@ -50,5 +52,7 @@ def serve_in_background(settings: ServerSettings, *, start_timeout_s: float = 20
         yield BackgroundServer(app=app, base_url=f"http://127.0.0.1:{port}", port=port)
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=30)
         sock.close()
+        if thread.is_alive():
+            raise RuntimeError("the API server thread did not stop within 30 s")
