@@ -18,27 +18,13 @@ import numpy as np
 import pytest
 
 from lopd.client.http import StoreClient
-from lopd.storage.manifest import Consistency, Manifest, Provenance
-from lopd.storage.publish import publish
-from lopd.storage.staging import Staging
-from tests.utils.factories import build_dataset, make_plan, provenance, write_parts
+from lopd.storage.manifest import Consistency
+from tests.utils.factories import build_dataset, provenance, publish_samples
 
 DATASETS = {"alpha": dict(n=100, per_part=16, seed=0), "beta": dict(n=37, per_part=8, seed=1)}
 
 
 # -- building stores -----------------------------------------------------------------------------
-
-
-def build_custom_dataset(
-    store: Path, name: str, samples: dict[str, list], prov: Provenance, per_part: int = 8
-) -> Manifest:
-    """Publish `samples` (the factories' dict layout) under provenance `prov`."""
-    plan = make_plan(samples, run_key=name.encode().hex().ljust(64, "0")[:64], dataset=name, per_part=per_part)
-    plan = plan.model_copy(update={"provenance": prov})
-    staging = Staging(store, name, plan.run_key)
-    plan = staging.open(plan)
-    write_parts(staging, plan, samples)
-    return publish(staging, plan)
 
 
 def teacher_scored_samples(model_dir: Path, n: int, seed: int, vocab: int) -> dict[str, list]:
@@ -97,7 +83,7 @@ def client_store(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path,
         }
     )
     samples["scored"] = teacher_scored_samples(tiny_llama_dir, n=24, seed=5, vocab=len(tokenizer))
-    build_custom_dataset(root, "scored", samples["scored"], prov, per_part=8)
+    publish_samples(root, "scored", samples["scored"], prov=prov, per_part=8)
     return StoreFixture(root=root, samples=samples, teacher_fingerprint=teacher_fp, tokenizer_fingerprint=tok_fp)
 
 

@@ -15,32 +15,12 @@ from lopd.errors import InvalidInput
 from lopd.fingerprint import tokenizer_fingerprint
 from lopd.server.interop import export_lightning_opd, import_lightning_opd
 from lopd.server.interop_command import export, import_
-from lopd.storage.manifest import Consistency, Manifest, ModelRef, Provenance, RolloutSource
-from lopd.storage.publish import publish
+from lopd.storage.manifest import Manifest
 from lopd.storage.reader import Store
-from lopd.storage.schema import build_table
-from lopd.storage.staging import RunPlan, Staging, plan_parts
+from tests.utils.factories import OTHER_FP, TEACHER_FP, provenance, publish_samples
 
 VOCAB = 105  # the tiny char-level tokenizer
 FIRST_PLAIN = 8  # ids 0-7 are special tokens
-TEACHER_FP = "sha256:" + "a" * 64
-OTHER_FP = "sha256:" + "b" * 64
-
-
-def _provenance(tok_fp: str) -> Provenance:
-    return Provenance(
-        teacher=ModelRef(name_or_path="teacher", fingerprint=TEACHER_FP),
-        tokenizer_fingerprint=tok_fp,
-        sft_teacher_fingerprint=TEACHER_FP,
-        sft_teacher_source=None,
-        rollout_logprobs_source="mixed",
-        rollouts=RolloutSource(paths=["r.jsonl"], fingerprint="sha256:" + "d" * 64, records=0, retokenized=0),
-        backend="transformers",
-        dtype="float32",
-        temperature=1.0,
-        consistency=Consistency(teacher_consistent=True, mismatch_allowed=False, rollout_tokenizer_checked=True),
-        tool_version="test",
-    )
 
 
 def _samples(n: int, seed: int, *, rollout_every: int | None = 3) -> dict[str, list]:
@@ -62,30 +42,8 @@ def _samples(n: int, seed: int, *, rollout_every: int | None = 3) -> dict[str, l
 
 
 def _build(store: Path, dataset: str, samples: dict[str, list], tok_fp: str, per_part: int = 8) -> Manifest:
-    run_key = "f" * 64
-    plan = RunPlan(
-        run_key=run_key,
-        dataset=dataset,
-        samples_per_part=per_part,
-        num_samples=len(samples["ids"]),
-        input_records=len(samples["ids"]),
-        parts=plan_parts(samples["ids"], per_part),
-        skipped=[],
-        provenance=_provenance(tok_fp),
-    )
-    staging = Staging(store, dataset, run_key)
-    plan = staging.open(plan)
-    for part in plan.parts:
-        s = slice(part.index * per_part, part.index * per_part + part.num_samples)
-        table = build_table(
-            samples["ids"][s],
-            samples["prompts"][s],
-            samples["responses"][s],
-            samples["teacher"][s],
-            samples["rollout"][s],
-        )
-        staging.write_part(part.index, table, TEACHER_FP)
-    return publish(staging, plan)
+    prov = provenance().model_copy(update={"tokenizer_fingerprint": tok_fp, "rollout_tokenizer_fingerprint": tok_fp})
+    return publish_samples(store, dataset, samples, prov=prov, per_part=per_part)
 
 
 @pytest.fixture()

@@ -50,8 +50,10 @@ def random_samples(n: int, seed: int = 0, vocab: int = 1000) -> dict[str, list]:
     return out
 
 
-def make_plan(samples: dict[str, list], *, run_key: str, dataset: str, per_part: int, skipped=()) -> RunPlan:
-    prov = provenance()
+def make_plan(
+    samples: dict[str, list], *, run_key: str, dataset: str, per_part: int, skipped=(), prov: Provenance | None = None
+) -> RunPlan:
+    prov = prov if prov is not None else provenance()
     return RunPlan(
         run_key=run_key,
         dataset=dataset,
@@ -79,13 +81,28 @@ def write_parts(staging: Staging, plan: RunPlan, samples: dict[str, list], only:
         staging.write_part(part.index, table, plan.provenance.teacher.fingerprint)
 
 
+def publish_samples(
+    store: Path,
+    dataset: str,
+    samples: dict[str, list],
+    *,
+    prov: Provenance | None = None,
+    per_part: int = 16,
+    run_key: str | None = None,
+    skipped=(),
+) -> Manifest:
+    """Stage, write and publish `samples` (the `random_samples` layout) as a new dataset version."""
+    run_key = run_key if run_key is not None else dataset.encode().hex().ljust(64, "0")[:64]
+    plan = make_plan(samples, run_key=run_key, dataset=dataset, per_part=per_part, skipped=skipped, prov=prov)
+    staging = Staging(store, dataset, run_key)
+    plan = staging.open(plan)
+    write_parts(staging, plan, samples)
+    return publish(staging, plan)
+
+
 def build_dataset(
     store: Path, dataset: str, n: int = 100, per_part: int = 16, seed: int = 0, skipped=()
 ) -> tuple[Manifest, dict[str, list]]:
     samples = random_samples(n, seed)
     run_key = f"{seed:04d}" + "e" * 60
-    plan = make_plan(samples, run_key=run_key, dataset=dataset, per_part=per_part, skipped=skipped)
-    staging = Staging(store, dataset, run_key)
-    plan = staging.open(plan)
-    write_parts(staging, plan, samples)
-    return publish(staging, plan), samples
+    return publish_samples(store, dataset, samples, per_part=per_part, run_key=run_key, skipped=skipped), samples
