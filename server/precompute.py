@@ -36,6 +36,7 @@ from lopd.storage.schema import FORMAT_VERSION, build_table
 from lopd.storage.staging import RunPlan, Staging, plan_parts
 
 from .rollouts import RolloutScan, expand_rollout_paths, load_rollouts, scan_rollouts
+from .teachers.base import CONTEXT_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -259,12 +260,10 @@ def _load_tokenizer(model_dir: Path) -> Any:
 
 def _max_context(model_dir: Path) -> int:
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(config.get(key), int):
-            return int(config[key])
-    text = config.get("text_config") or {}
-    if isinstance(text.get("max_position_embeddings"), int):
-        return int(text["max_position_embeddings"])
+    for section in (config, config.get("text_config") or {}):  # multimodal configs nest the text model
+        for key in CONTEXT_KEYS:
+            if isinstance(section.get(key), int):
+                return int(section[key])
     raise InvalidInput(f"cannot tell the context length of {model_dir} from its config.json")
 
 

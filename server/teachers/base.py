@@ -22,6 +22,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+# Config keys that give a model's context length, in the order architectures use them. One list for
+# the precompute job (which reads config.json before loading any weights) and the backends.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
 
 @dataclass(frozen=True)
 class TeacherInfo:

@@ -25,14 +25,13 @@ import torch
 from lopd.errors import InvalidInput
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lopd.server.batching import plan_batches
-from lopd.server.teachers.base import TeacherInfo
+from lopd.server.teachers.base import CONTEXT_KEYS, TeacherInfo
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Max |head path - full forward| in log-prob units accepted by the load-time self-check. Half
 # precision differs a little between a padded, masked batch and a lone sequence; a missing
 # head transform (scaling, softcapping) differs by far more.
 _SELF_CHECK_TOL = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 def _snapshot_revision(path: Path) -> str | None:
@@ -97,7 +96,7 @@ class TransformersTeacher:
         self._softcap = getattr(text_config, "final_logit_softcapping", None)
         self._head_rows = int(self._head.weight.shape[0])
         self._id_limit = min(len(self.tokenizer), model.get_input_embeddings().weight.shape[0])
-        max_context = next((getattr(text_config, k) for k in _CONTEXT_KEYS if getattr(text_config, k, None)), 0)
+        max_context = next((getattr(text_config, k) for k in CONTEXT_KEYS if getattr(text_config, k, None)), 0)
 
         self.info = TeacherInfo(
             name_or_path=str(model_dir),
