@@ -26,6 +26,11 @@ Aliases from common generation pipelines are accepted for single fields: `prompt
 `prompt_ids` (vLLM), `output_token_ids` or `completion_ids` for `response_ids`, `completion` for
 `response` (OpenAI / TRL). Giving a field and one of its aliases together is an error.
 
+A line (or row) that is a dumped `vllm.RequestOutput` (`request_id`, `prompt_token_ids`,
+`outputs: [{index, token_ids, logprobs, ...}]`) holds one record per output, with id
+`<request_id>/<index>` and rollout log-probs taken from `logprobs` by the sampled token ids
+(`request_outputs`). `RecordRef.output` says which output of its line a record is.
+
 Inputs can be millions of records with thousands of tokens each, so the work is split in two:
 `scan_rollouts` streams through every file once, validates every record and keeps only a small
 `RecordRef` per valid record (where it is, and its sizes); `load_rollouts` reads a chosen set of

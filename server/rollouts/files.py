@@ -69,8 +69,14 @@ def expand_rollout_paths(paths: Sequence[str | Path]) -> list[Path]:
                 raise InvalidInput(f"rollout directory {p} contains no rollout files ({', '.join(ROLLOUT_SUFFIXES)})")
         elif p.is_file():
             if _kind(p) is None:
+                hint = ""
+                if p.name.lower().endswith((".json", ".json.gz")):
+                    hint = (
+                        "; if it holds one JSON object per line (as Hugging Face's Dataset.to_json writes by "
+                        "default), give it a .jsonl (or .jsonl.gz) name"
+                    )
                 raise InvalidInput(
-                    f"rollout file {p} has an unknown suffix; expected one of {', '.join(ROLLOUT_SUFFIXES)}"
+                    f"rollout file {p} has an unknown suffix; expected one of {', '.join(ROLLOUT_SUFFIXES)}{hint}"
                 )
             files = [p]
         elif p.exists():

@@ -1,8 +1,10 @@
 """One rollout record: decode it, check it, and turn it into token ids (the one place records are interpreted).
 
 A record is a JSONL line or a Parquet row in one of three forms (token ids, chat messages, or
-prompt/response text; see the package docstring). `_interpret` returns its id and tokens or raises
-`_Bad` with the reason shown to the user, so scanning and loading read every record identically.
+prompt/response text; see the package docstring). `_flat_entry` returns its id and tokens, or the
+reason it is unusable, so scanning and loading read every record identically. A line in vLLM's
+nested `RequestOutput` shape holds several records; `request_outputs` expands it with the checks
+defined here.
 """
 
 from __future__ import annotations
@@ -26,16 +28,27 @@ _MESSAGES = ("messages",)
 _PROMPT_TEXT = ("prompt",)
 _RESPONSE_TEXT = ("response", "completion")
 _LOGPROBS = ("rollout_logprobs",)
-_FIELDS = ("id", *_PROMPT_IDS, *_RESPONSE_IDS, *_MESSAGES, *_PROMPT_TEXT, *_RESPONSE_TEXT, *_LOGPROBS)
+# vLLM's `RequestOutput` as users dump it: one prompt, several sampled outputs (see `request_outputs`).
+_REQUEST_OUTPUT = ("request_id", "outputs")
+_FIELDS = (
+    "id",
+    *_PROMPT_IDS,
+    *_RESPONSE_IDS,
+    *_MESSAGES,
+    *_PROMPT_TEXT,
+    *_RESPONSE_TEXT,
+    *_LOGPROBS,
+    *_REQUEST_OUTPUT,
+)
+# Fields that carry a flat record's response: a record with any of them is flat even if it has `outputs`.
+_RESPONSE_SIDE = (*_RESPONSE_IDS, *_MESSAGES, *_RESPONSE_TEXT)
 
 MAX_LOGPROB = 1e-4  # log-probs are <= 0; this much rounding noise above 0 is tolerated
 _INT32 = np.iinfo(np.int32)
 
 
 class _Bad(Exception):
-    """A record is unusable; the message is the reason shown to the user, `rid` its id when it has one."""
-
-    rid: str | None = None
+    """A record is unusable; the message is the reason shown to the user."""
 
 
 @dataclass
@@ -44,6 +57,21 @@ class _Parsed:
     response_ids: np.ndarray
     rollout_logprobs: np.ndarray | None
     retokenized: bool
+
+
+@dataclass
+class _Entry:
+    """One record of a raw item (a JSONL line or a Parquet row), usable or not.
+
+    A flat record is one entry; a nested vLLM `RequestOutput` line is one entry per output (or a single
+    entry when the line itself is unusable). Exactly one of `parsed` and `problem` is set.
+    """
+
+    rid: str | None  # None when the record has no usable id
+    parsed: _Parsed | None
+    problem: str | None
+    nested: bool = False  # from a vLLM RequestOutput line
+    output: int | None = None  # position in that line's `outputs`; None for flat records and whole-line problems
 
 
 def _loads(line: bytes, exact: bool) -> Any:
@@ -107,8 +135,7 @@ def _token_ids(value: Any, field: str, vocab_size: int | None) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-def _logprobs(value: Any, n: int, retokenized: bool) -> np.ndarray:
-    field = "rollout_logprobs"
+def _logprobs(value: Any, n: int, retokenized: bool, field: str = "rollout_logprobs") -> np.ndarray:
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "iuf":
             raise _Bad(f"{field} must be numbers, got an array of {value.dtype}")
@@ -130,7 +157,7 @@ def _logprobs(value: Any, n: int, retokenized: bool) -> np.ndarray:
             if retokenized
             else ""
         )
-        raise _Bad(f"rollout_logprobs has {arr64.shape[0]} values but the response has {n} tokens{hint}")
+        raise _Bad(f"{field} has {arr64.shape[0]} values but the response has {n} tokens{hint}")
     with np.errstate(over="ignore"):
         arr = arr64.astype(np.float32)
     finite = np.isfinite(arr)
@@ -204,6 +231,18 @@ def _from_messages(value: Any, tokenizer: Any) -> tuple[list[int], list[int]]:
     return prompt, _encode(tokenizer, messages[-1]["content"], False)
 
 
+def _check_sizes(prompt: np.ndarray, response: np.ndarray, max_context: int | None) -> None:
+    if response.size == 0:
+        raise _Bad("response is empty")
+    if prompt.size == 0:
+        raise _Bad("prompt is empty; the first response token needs at least one token of context (e.g. BOS)")
+    if max_context is not None and prompt.size + response.size > max_context:
+        raise _Bad(
+            f"prompt ({prompt.size} tokens) + response ({response.size} tokens) = "
+            f"{prompt.size + response.size} tokens exceeds the teacher's context of {max_context} tokens"
+        )
+
+
 def _parse(obj: dict[str, Any], tokenizer: Any, vocab_size: int | None, max_context: int | None) -> _Parsed:
     """The record's tokens, or `_Bad` with the first problem found. The one place records are interpreted."""
     pids, rids = _field(obj, _PROMPT_IDS), _field(obj, _RESPONSE_IDS)
@@ -247,15 +286,7 @@ def _parse(obj: dict[str, Any], tokenizer: Any, vocab_size: int | None, max_cont
         response = _token_ids(r, "re-tokenized response", vocab_size)
         retokenized = True
 
-    if response.size == 0:
-        raise _Bad("response is empty")
-    if prompt.size == 0:
-        raise _Bad("prompt is empty; the first response token needs at least one token of context (e.g. BOS)")
-    if max_context is not None and prompt.size + response.size > max_context:
-        raise _Bad(
-            f"prompt ({prompt.size} tokens) + response ({response.size} tokens) = "
-            f"{prompt.size + response.size} tokens exceeds the teacher's context of {max_context} tokens"
-        )
+    _check_sizes(prompt, response, max_context)
     lp = _field(obj, _LOGPROBS)
     logprobs = _logprobs(lp[1], int(response.size), retokenized) if lp is not None else None
     return _Parsed(prompt, response, logprobs, retokenized)
@@ -274,19 +305,20 @@ def _decode_line(line: bytes, exact: bool) -> dict[str, Any]:
     return obj
 
 
-def _interpret(
-    item: bytes | dict[str, Any], tokenizer: Any, vocab_size: int | None, max_context: int | None, exact: bool = False
-) -> tuple[str, _Parsed]:
-    """(id, tokens) of a JSONL line or Parquet row, or `_Bad` carrying the id when there is one."""
+def _flat_entry(obj: dict[str, Any], tokenizer: Any, vocab_size: int | None, max_context: int | None) -> _Entry:
+    """The one record of a flat (not nested) object: its id and tokens, or the reason it is unusable."""
     rid = None
     try:
-        obj = item if isinstance(item, dict) else _decode_line(item, exact)
         rid = _record_id(obj)
-        return rid, _parse(obj, tokenizer, vocab_size, max_context)
+        return _Entry(rid, _parse(obj, tokenizer, vocab_size, max_context), None)
     except _Bad as e:
-        if _orjson is not None and not exact and not isinstance(item, dict):
-            # orjson reads integers beyond 64 bits as floats; for a bad record, the stdlib's exact
-            # reading decides, so the reason names the value as written. (Valid records read the same.)
-            return _interpret(item, tokenizer, vocab_size, max_context, exact=True)
-        e.rid = rid
-        raise
+        return _Entry(rid, None, str(e))
+
+
+def _retry_exact(item: bytes | dict[str, Any], exact: bool) -> bool:
+    """Whether a line that gave a bad record should be read again with the stdlib parser.
+
+    orjson reads integers beyond 64 bits as floats; for a bad record the stdlib's exact reading
+    decides, so the reason names the value as written. (Valid records read the same either way.)
+    """
+    return _orjson is not None and not exact and not isinstance(item, dict)

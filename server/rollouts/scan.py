@@ -1,6 +1,8 @@
 """The two phases: `scan_rollouts` validates every record once and keeps light refs; `load_rollouts` reads refs back.
 
-Also the dataclasses they return. File access is in `files`, record interpretation in `records`.
+Also the dataclasses they return, and `_entries`, which turns one raw item (a JSONL line or a Parquet
+row) into its records: one for a flat record, one per output for a vLLM `RequestOutput` line. File
+access is in `files`, record interpretation in `records` and `request_outputs`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from .files import (
     _load_parquet,
     expand_rollout_paths,
 )
-from .records import _Bad, _interpret
+from .records import _Bad, _decode_line, _Entry, _flat_entry, _retry_exact
+from .request_outputs import expand_request_output, is_request_output
 
 _DUP_LOCATIONS_SHOWN = 5
 
@@ -36,7 +39,9 @@ class RecordRef:
     """A valid record, light: where to find it again, and its sizes.
 
     `offset` is the byte offset of the record's line in a plain JSONL file, the 0-based line index
-    in a `.jsonl.gz` file (gzip cannot seek), and the 0-based row index in a Parquet file.
+    in a `.jsonl.gz` file (gzip cannot seek), and the 0-based row index in a Parquet file. `output`
+    is the record's position in the `outputs` of a vLLM `RequestOutput` line (which holds several
+    records), None for a flat record.
     """
 
     id: str
@@ -46,6 +51,7 @@ class RecordRef:
     response_len: int
     has_rollout_logprobs: bool
     retokenized: bool
+    output: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,28 @@ class RolloutScan:
 # ------------------------------------------------------------------------------------------- scan
 
 
+def _entries(
+    item: bytes | dict[str, Any],
+    tokenizer: Any,
+    vocab_size: int | None,
+    max_context: int | None,
+    where: str | None,
+    exact: bool = False,
+) -> list[_Entry]:
+    """The records of one JSONL line or Parquet row; `where` (`file:LINE`) names it in ids and reasons."""
+    try:
+        obj = item if isinstance(item, dict) else _decode_line(item, exact)
+    except _Bad as e:
+        return [_Entry(None, None, str(e))]
+    if is_request_output(obj):
+        entries = expand_request_output(obj, vocab_size, max_context, where)
+    else:
+        entries = [_flat_entry(obj, tokenizer, vocab_size, max_context)]
+    if any(e.parsed is None for e in entries) and _retry_exact(item, exact):
+        return _entries(item, tokenizer, vocab_size, max_context, where, exact=True)
+    return entries
+
+
 def _check_positive(name: str, v: Any) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
         raise InvalidInput(f"{name} must be a positive integer, got {v!r}")
@@ -97,9 +125,10 @@ def scan_rollouts(
     Bad records do not raise: they are returned in `problems` as (id, reason), or (locator, reason)
     when the record has no usable id. Locators are `file:LINE` (1-based) for JSONL and
     `file:row ROW` (0-based) for Parquet, with the file's name (its path when two inputs share a
-    name). Every record that shares an id with another is bad, since there is no telling which one
-    is meant. `tokenizer` may be None when every record gives token ids. Unusable paths and
-    unreadable files raise `InvalidInput`.
+    name); the reasons of records from a vLLM `RequestOutput` line start with it. Every record that
+    shares an id with another is bad, since there is no telling which one is meant. `tokenizer`
+    may be None when every record gives token ids. Unusable paths and unreadable files raise
+    `InvalidInput`.
     """
     _check_positive("vocab_size", vocab_size)
     _check_positive("max_context", max_context)
@@ -110,12 +139,14 @@ def scan_rollouts(
     entries: list[Any] = []  # RecordRef for a valid record, (label, reason) for a bad one
     ent_source = array("q")
     ent_pos = array("q")  # JSONL: 1-based line number; Parquet: 0-based row
+    ent_output = array("q")  # position in a RequestOutput line's outputs; -1 for flat records
     first_at: dict[str, int] = {}
     dups: dict[str, list[int]] = {}
 
     from tqdm.auto import tqdm
 
     bar = tqdm(desc="scan rollouts", unit=" rec", disable=not progress)
+    shown = 0  # records counted on the bar
     try:
         for source, path in enumerate(files):
             kind = _kind(path)
@@ -124,34 +155,38 @@ def scan_rollouts(
             else:
                 raw = _iter_jsonl(path, kind, h)  # type: ignore[arg-type]
             for offset, pos, item in raw:
-                idx = len(entries)
-                ent_source.append(source)
-                ent_pos.append(pos)
-                rid: str | None = None
-                try:
-                    rid, parsed = _interpret(item, tokenizer, vocab_size, max_context)
-                    entries.append(
-                        RecordRef(
-                            id=rid,
-                            source=source,
-                            offset=offset,
-                            prompt_len=int(parsed.prompt_ids.size),
-                            response_len=int(parsed.response_ids.size),
-                            has_rollout_logprobs=parsed.rollout_logprobs is not None,
-                            retokenized=parsed.retokenized,
+                where = _locator(names, kind, source, pos)
+                for entry in _entries(item, tokenizer, vocab_size, max_context, where):
+                    idx = len(entries)
+                    ent_source.append(source)
+                    ent_pos.append(pos)
+                    ent_output.append(-1 if entry.output is None else entry.output)
+                    rid, parsed = entry.rid, entry.parsed
+                    if parsed is not None and rid is not None:
+                        entries.append(
+                            RecordRef(
+                                id=rid,
+                                source=source,
+                                offset=offset,
+                                prompt_len=int(parsed.prompt_ids.size),
+                                response_len=int(parsed.response_ids.size),
+                                has_rollout_logprobs=parsed.rollout_logprobs is not None,
+                                retokenized=parsed.retokenized,
+                                output=entry.output,
+                            )
                         )
-                    )
-                except _Bad as e:
-                    rid = e.rid
-                    label = rid if rid is not None else _locator(names, kind, source, pos)
-                    entries.append((label, str(e)))
-                if rid is not None:
-                    first = first_at.setdefault(rid, idx)
-                    if first != idx:
-                        dups.setdefault(rid, [first]).append(idx)
-                if idx % 256 == 255:
-                    bar.update(256)
-        bar.update(len(entries) % 256)
+                    else:
+                        label = rid if rid is not None else _locator(names, kind, source, pos, entry.output)
+                        reason = f"{where}: {entry.problem}" if entry.nested else str(entry.problem)
+                        entries.append((label, reason))
+                    if rid is not None:
+                        first = first_at.setdefault(rid, idx)
+                        if first != idx:
+                            dups.setdefault(rid, [first]).append(idx)
+                if len(entries) - shown >= 256:
+                    bar.update(len(entries) - shown)
+                    shown = len(entries)
+        bar.update(len(entries) - shown)
     finally:
         bar.close()
 
@@ -159,7 +194,7 @@ def scan_rollouts(
     for rid, idxs in dups.items():
         # Only the first few locations are named, so an id used a million times stays linear.
         head = [
-            (j, _locator(names, kinds[ent_source[j]], ent_source[j], ent_pos[j]))
+            (j, _locator(names, kinds[ent_source[j]], ent_source[j], ent_pos[j], ent_output[j]))
             for j in idxs[: _DUP_LOCATIONS_SHOWN + 1]
         ]
         for idx in idxs:
@@ -185,62 +220,77 @@ def scan_rollouts(
     )
 
 
-def _locator(names: list[str], kind: str | None, source: int, pos: int) -> str:
-    return f"{names[source]}:row {pos}" if kind == "parquet" else f"{names[source]}:{pos}"
+def _locator(names: list[str], kind: str | None, source: int, pos: int, output: int | None = None) -> str:
+    where = f"{names[source]}:row {pos}" if kind == "parquet" else f"{names[source]}:{pos}"
+    return where if output is None or output < 0 else f"{where} outputs[{output}]"
 
 
 def load_rollouts(scan: RolloutScan, refs: Sequence[RecordRef], tokenizer: Any) -> list[Rollout]:
     """Read exactly these records back, in the order of `refs`.
 
-    Text forms are re-tokenized the same way `scan_rollouts` did (so pass the same tokenizer).
+    Text forms are re-tokenized the same way `scan_rollouts` did (so pass the same tokenizer). A line
+    that holds several records (a vLLM `RequestOutput`) is read and parsed once for all of them.
     Raises `InvalidInput` when a record no longer matches its ref (the file changed since the scan).
     """
-    by_source: dict[int, list[tuple[int, int]]] = {}
+    by_source: dict[int, dict[int, list[int]]] = {}  # source -> offset -> indices into refs
     for k, ref in enumerate(refs):
         if not 0 <= ref.source < len(scan.paths):
             raise InvalidInput(
                 f"record {ref.id!r} refers to input file #{ref.source}, but the scan has {len(scan.paths)} files"
             )
-        by_source.setdefault(ref.source, []).append((k, ref.offset))
+        by_source.setdefault(ref.source, {}).setdefault(ref.offset, []).append(k)
 
     out: list[Rollout | None] = [None] * len(refs)
-    for source, wanted in by_source.items():
+    for source, by_offset in by_source.items():
         path = scan.paths[source]
         kind = _kind(path)
+        offsets = list(by_offset)
+        wanted = list(enumerate(offsets))
         if kind == "parquet":
             items: Iterator[tuple[int, Any]] = _load_parquet(path, wanted)
         elif kind == "jsonl.gz":
             items = _load_jsonl_gz(path, wanted)
         else:
             items = _load_jsonl(path, wanted)
-        for k, item in items:
-            ref = refs[k]
-            try:
-                rid, parsed = _interpret(item, tokenizer, None, None)
-                if rid != ref.id:
-                    raise _Bad(f"found id {rid!r} where {ref.id!r} was")
-            except _Bad as e:
-                raise InvalidInput(
-                    f"rollout file {path} changed since it was scanned (record {ref.id!r}: {e}); scan it again"
-                ) from None
-            if (
-                parsed.prompt_ids.size != ref.prompt_len
-                or parsed.response_ids.size != ref.response_len
-                or (parsed.rollout_logprobs is not None) != ref.has_rollout_logprobs
-                or parsed.retokenized != ref.retokenized
-            ):
-                raise InvalidInput(
-                    f"record {ref.id!r} in {path} no longer matches the scan (lengths or fields differ); "
-                    "the file or the tokenizer changed since it was scanned; scan it again"
-                )
-            out[k] = Rollout(
-                id=ref.id,
-                prompt_ids=parsed.prompt_ids,
-                response_ids=parsed.response_ids,
-                rollout_logprobs=parsed.rollout_logprobs,
-                retokenized=parsed.retokenized,
-            )
+        for j, item in items:
+            entries = _entries(item, tokenizer, None, None, where=None)
+            for k in by_offset[offsets[j]]:
+                out[k] = _read_back(refs[k], entries, path)
     missing = [refs[k].id for k, r in enumerate(out) if r is None]
     if missing:  # only reachable if a file shrank under us
         raise InvalidInput(f"could not read back records {missing[:5]}; the inputs changed since the scan")
     return out  # type: ignore[return-value]
+
+
+def _read_back(ref: RecordRef, entries: list[_Entry], path: Path) -> Rollout:
+    """The entry `ref` points at, checked against what the scan saw."""
+    found = [e for e in entries if e.output == ref.output]
+    entry = found[0] if len(found) == 1 else None
+    if entry is None or entry.parsed is None or (entry.rid is not None and entry.rid != ref.id):
+        if entry is None:
+            why = "its line no longer holds it"
+        elif entry.parsed is None:
+            why = str(entry.problem)
+        else:
+            why = f"found id {entry.rid!r} where {ref.id!r} was"
+        raise InvalidInput(
+            f"rollout file {path} changed since it was scanned (record {ref.id!r}: {why}); scan it again"
+        )
+    parsed = entry.parsed
+    if (
+        parsed.prompt_ids.size != ref.prompt_len
+        or parsed.response_ids.size != ref.response_len
+        or (parsed.rollout_logprobs is not None) != ref.has_rollout_logprobs
+        or parsed.retokenized != ref.retokenized
+    ):
+        raise InvalidInput(
+            f"record {ref.id!r} in {path} no longer matches the scan (lengths or fields differ); "
+            "the file or the tokenizer changed since it was scanned; scan it again"
+        )
+    return Rollout(
+        id=ref.id,
+        prompt_ids=parsed.prompt_ids,
+        response_ids=parsed.response_ids,
+        rollout_logprobs=parsed.rollout_logprobs,
+        retokenized=parsed.retokenized,
+    )

@@ -282,6 +282,219 @@ def test_messages_in_parquet(tmp_path: Path, tokenizer: Any) -> None:
     assert tokenizer.decode(r.response_ids.tolist()) == "yo<|end|>"
 
 
+# --------------------------------------------------------------------- vLLM RequestOutput lines
+
+
+def request_output(
+    request_id: Any, prompt_ids: list[int], outputs: list[tuple[list[int], list[float] | None]], **extra: Any
+) -> dict[str, Any]:
+    """A `vllm.RequestOutput` as users dump it: the sampled token's entry plus other top-k candidates per position,
+    keyed by token id (integer keys, which `json.dumps` writes as strings, as any JSON dump of vLLM's dicts does)."""
+    outs = []
+    for i, (tokens, lps) in enumerate(outputs):
+        logprobs = None
+        if lps is not None:
+            logprobs = [
+                {
+                    tok: {"logprob": lp, "rank": 2, "decoded_token": "x"},
+                    (tok + 1) % 100: {"logprob": -0.01, "rank": 1, "decoded_token": "y"},
+                }
+                for tok, lp in zip(tokens, lps)
+            ]
+        outs.append(
+            {
+                "index": i,
+                "text": "ignored",
+                "token_ids": tokens,
+                "cumulative_logprob": sum(lps) if lps else None,
+                "logprobs": logprobs,
+                "finish_reason": "stop",
+                "stop_reason": None,
+            }
+        )
+    rec: dict[str, Any] = {"request_id": request_id, "prompt": "not re-tokenized", "prompt_token_ids": prompt_ids}
+    rec.update(outputs=outs, finished=True, prompt_logprobs=None, **extra)
+    return rec
+
+
+@pytest.mark.parametrize("name", ["r.jsonl", "r.jsonl.gz"])
+def test_vllm_request_outputs_become_one_record_per_output(tmp_path: Path, name: str) -> None:
+    lp = f32([-0.25, -1.5, -0.0625])
+    lines = [
+        request_output("17", [1, 20, 21], [([30, 31, 7], lp), ([40, 41], f32([-2.0, -0.5]))]),
+        {"id": "flat", "prompt_ids": [1], "response_ids": [5], "outputs": "a flat record's own field"},
+        request_output(18, [1, 22], [([50], None)]),
+        request_output(None, [1, 23], [([60, 61], None)]),  # no request_id: the line locates it
+        request_output("r", [1, 24], [([70], None)], id="mine"),  # an explicit id wins over request_id
+    ]
+    path = write_any(tmp_path / name, lines)
+    s = scan(path, None)  # no tokenizer: nothing is re-tokenized (the prompt text is ignored)
+    assert s.problems == []
+    assert s.total == 6
+    assert [r.id for r in s.records] == ["17/0", "17/1", "flat", "18/0", f"{name}:4/0", "mine/0"]
+    assert [r.output for r in s.records] == [0, 1, None, 0, 0, 0]
+    assert [r.has_rollout_logprobs for r in s.records] == [True, True, False, False, False, False]
+    assert s.retokenized == 0 and s.num_tokens == 3 + 2 + 1 + 1 + 2 + 1
+
+    got = {r.id: r for r in load_rollouts(s, s.records[::-1], None)}
+    a, b = got["17/0"], got["17/1"]
+    assert a.prompt_ids.tolist() == b.prompt_ids.tolist() == [1, 20, 21]
+    assert a.response_ids.dtype == np.int32 and a.response_ids.tolist() == [30, 31, 7]
+    assert a.rollout_logprobs is not None and a.rollout_logprobs.tolist() == lp  # the sampled token's, not rank 1's
+    assert b.response_ids.tolist() == [40, 41] and b.rollout_logprobs is not None
+    assert b.rollout_logprobs.tolist() == [-2.0, -0.5]
+    assert got["flat"].response_ids.tolist() == [5]
+    assert got["18/0"].rollout_logprobs is None
+    assert got[f"{name}:4/0"].prompt_ids.tolist() == [1, 23]
+    assert [r.id for r in load_rollouts(s, [s.records[1], s.records[1], s.records[0]], None)] == [
+        "17/1",
+        "17/1",
+        "17/0",
+    ]
+
+
+def test_vllm_output_index_and_logprob_variants(tmp_path: Path) -> None:
+    rec = request_output("q", [1, 2], [([3, 4], None), ([5], None)])
+    rec["outputs"][0]["index"], rec["outputs"][1]["index"] = 7, 2  # e.g. a filtered dump: indices kept
+    rec["outputs"][1]["logprobs"] = [{"5": -0.75, "9": -0.1}]  # bare numbers instead of Logprob objects
+    s = scan(write_jsonl(tmp_path / "r.jsonl", [rec]), None)
+    assert s.problems == [] and [r.id for r in s.records] == ["q/7", "q/2"]
+    _, second = load_rollouts(s, s.records, None)
+    assert second.rollout_logprobs is not None and second.rollout_logprobs.tolist() == [-0.75]
+
+
+def test_vllm_request_outputs_in_parquet(tmp_path: Path) -> None:
+    recs = [request_output("a", [1, 2], [([3], None), ([4, 5], None)]), request_output("b", [1], [([6], None)])]
+    path = tmp_path / "r.parquet"
+    pq.write_table(pa.Table.from_pylist(recs), path, row_group_size=1)
+    s = scan(path, None)
+    assert s.problems == [] and [r.id for r in s.records] == ["a/0", "a/1", "b/0"]
+    assert [r.response_ids.tolist() for r in load_rollouts(s, s.records[::-1], None)] == [[6], [4, 5], [3]]
+
+
+def _two_outputs(**changes: Any) -> dict[str, Any]:
+    rec = request_output("q", [1, 2], [([30, 31, 7], f32([-0.5, -1.0, -2.0])), ([40], None)])
+    for path, value in changes.items():
+        *keys, last = path.split(".")
+        target: Any = rec
+        for k in keys:
+            target = target[int(k)] if k.isdigit() else target[k]
+        target[int(last) if last.isdigit() else last] = value
+    return rec
+
+
+# (record, expected [(label, substrings of the reason)]); every reason starts with the line's locator.
+NESTED_BAD: list[tuple[dict[str, Any], list[tuple[str, list[str]]]]] = [
+    (
+        _two_outputs(**{"outputs.0.logprobs": [{"30": -0.5}, {"31": -1.0}]}),
+        [("q/0", ["outputs[0].logprobs has 2 positions but outputs[0].token_ids has 3 tokens"])],
+    ),
+    (
+        _two_outputs(**{"outputs.0.logprobs.1": {"8": -0.1, "9": -0.2}}),
+        [("q/0", ["outputs[0].logprobs[1] has no entry for the sampled token 31 (it has 8, 9)"])],
+    ),
+    (
+        _two_outputs(**{"outputs.0.logprobs.2": {"7": {"logprob": "-1", "rank": 1}}}),
+        [("q/0", ["outputs[0].logprobs[2]['7'].logprob is '-1'", "not a number"])],
+    ),
+    (
+        _two_outputs(**{"outputs.0.logprobs.2": {"7": {"logprob": 0.5}}}),
+        [("q/0", ["outputs[0].logprobs[2] = 0.5 is positive"])],
+    ),
+    (_two_outputs(**{"outputs.0.logprobs": {"30": -1.0}}), [("q/0", ["outputs[0].logprobs must be a list"])]),
+    (_two_outputs(**{"outputs.0.logprobs.0": [-0.5]}), [("q/0", ["outputs[0].logprobs[0] must be an object"])]),
+    (_two_outputs(**{"outputs.1.token_ids": []}), [("q/1", ["outputs[1].token_ids is empty"])]),
+    (_two_outputs(**{"outputs.1.token_ids": None}), [("q/1", ["outputs[1] has no token_ids"])]),
+    (_two_outputs(**{"outputs.1.token_ids": [40, 105]}), [("q/1", ["outputs[1].token_ids[1] = 105", "[0, 105)"])]),
+    (_two_outputs(**{"outputs.1.token_ids": [9] * 70}), [("q/1", ["exceeds the teacher's context of 64 tokens"])]),
+    (_two_outputs(**{"outputs.1": "text"}), [("r.jsonl:2 outputs[1]", ["outputs[1] must be an object"])]),
+    (_two_outputs(**{"outputs.1.index": -1}), [("r.jsonl:2 outputs[1]", ["outputs[1].index must be a non-negative"])]),
+    (
+        _two_outputs(prompt_token_ids=None),
+        [("q/0", ["needs prompt_token_ids", "not re-tokenized"]), ("q/1", ["needs prompt_token_ids"])],
+    ),
+    (_two_outputs(prompt_token_ids=[1, -4]), [("q/0", ["prompt_token_ids[1] = -4"]), ("q/1", ["= -4"])]),
+    (_two_outputs(outputs=[]), [("q", ["outputs is empty"])]),
+    (_two_outputs(outputs={"0": 1}), [("q", ["outputs must be a list of vLLM CompletionOutput objects"])]),
+    (_two_outputs(request_id=1.5), [("r.jsonl:2", ["request_id must be a string or an integer"])]),
+    (_two_outputs(request_id=" "), [("r.jsonl:2", ["request_id is empty"])]),
+]
+
+
+@pytest.mark.parametrize(("bad", "expected"), NESTED_BAD)
+def test_bad_vllm_request_output_names_file_line_and_field(
+    tmp_path: Path, tokenizer: Any, bad: dict[str, Any], expected: list[tuple[str, list[str]]]
+) -> None:
+    path = write_jsonl(tmp_path / "r.jsonl", [GOOD, bad, GOOD | {"id": "good2"}])
+    s = scan(path, tokenizer, vocab_size=len(tokenizer))
+    assert {r.id for r in s.records} >= {"good", "good2"}
+    assert [label for label, _ in s.problems] == [label for label, _ in expected]
+    assert len(s.records) + len(s.problems) == s.total
+    for (_, reason), (_, parts) in zip(s.problems, expected):
+        assert reason.startswith("r.jsonl:2: "), reason
+        for part in parts:
+            assert part in reason, f"{part!r} not in {reason!r}"
+    load_rollouts(s, s.records, tokenizer)  # the usable outputs of a line with a bad one still read back
+
+
+def test_vllm_request_ids_restarting_in_each_run_are_duplicates(tmp_path: Path) -> None:
+    # vllm.LLM numbers its requests from 0 in every run, so two runs' dumps share ids: refused, with locations.
+    a = write_jsonl(tmp_path / "a.jsonl", [request_output("0", [1], [([2], None), ([3], None)])])
+    b = write_jsonl(tmp_path / "b.jsonl", [request_output("0", [1], [([4], None)])])
+    s = scan_rollouts([a, b], None, vocab_size=10, max_context=10)
+    assert [r.id for r in s.records] == ["0/1"]
+    assert s.problems == [
+        ("0/0", "duplicate id: also used at b.jsonl:1 outputs[0]"),
+        ("0/0", "duplicate id: also used at a.jsonl:1 outputs[0]"),
+    ]
+
+
+def test_hugging_face_dataset_files(tmp_path: Path) -> None:
+    """`Dataset.to_parquet` writes plain Arrow columns (int64 lists, float64 lists, nulls for missing values) with
+    a `huggingface` schema metadata key; `Dataset.to_json` writes JSON Lines through pandas (compact, 10 significant
+    digits). `datasets` is not installed here, so both files are written in the same layout directly."""
+    rows = [
+        {"id": "a", "prompt_ids": [1, 2], "response_ids": [3, 4], "rollout_logprobs": f32([-0.1, -2.5]), "reward": 1.0},
+        {"id": "b", "prompt_ids": [1], "response_ids": [5], "rollout_logprobs": None, "reward": 0.0},
+        {
+            "id": "c",
+            "prompt_ids": [1, 9],
+            "response_ids": [6, 7, 8],
+            "rollout_logprobs": f32([-1, -3e-3, 0]),
+            "reward": 0.5,
+        },
+    ]
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("prompt_ids", pa.list_(pa.int64())),
+            ("response_ids", pa.list_(pa.int64())),
+            ("rollout_logprobs", pa.list_(pa.float64())),
+            ("reward", pa.float64()),
+        ],
+        metadata={b"huggingface": json.dumps({"info": {"features": {}}}).encode()},
+    )
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "hf.parquet", row_group_size=2)
+    with (tmp_path / "hf.jsonl").open("w") as f:
+        for r in rows:
+            lp = r["rollout_logprobs"]
+            r = r | {"rollout_logprobs": None if lp is None else [float(f"{x:.10g}") for x in lp]}
+            f.write(json.dumps(r, separators=(",", ":")) + "\n")
+    for name in ("hf.parquet", "hf.jsonl"):
+        s = scan(tmp_path / name, None)
+        assert s.problems == [] and [r.id for r in s.records] == ["a", "b", "c"]
+        got = load_rollouts(s, s.records, None)
+        for r, w in zip(got, rows):
+            assert r.prompt_ids.tolist() == w["prompt_ids"] and r.response_ids.tolist() == w["response_ids"]
+            if w["rollout_logprobs"] is None:
+                assert r.rollout_logprobs is None
+            else:  # float32 values survive both the float64 column and pandas' 10 digits exactly
+                assert r.rollout_logprobs is not None and r.rollout_logprobs.tolist() == w["rollout_logprobs"]
+    (tmp_path / "hf.json").write_bytes((tmp_path / "hf.jsonl").read_bytes())
+    with pytest.raises(InvalidInput, match=r"Dataset\.to_json .* \.jsonl"):
+        expand_rollout_paths([tmp_path / "hf.json"])
+
+
 # ----------------------------------------------------------------------------------- bad records
 
 GOOD = {"id": "good", "prompt_ids": [1, 2], "response_ids": [3]}
