@@ -32,6 +32,23 @@ app = typer.Typer(
 
 class Backend(str, Enum):
     transformers = "transformers"
+    vllm = "vllm"
+    sglang = "sglang"
+    openai = "openai"
+
+
+# Help texts shared by `precompute` and `verify`.
+_BACKEND_HELP = (
+    "Scoring engine: transformers or vllm (in this process), sglang or openai (a running SGLang or vLLM "
+    "OpenAI-compatible server at --teacher-url; --teacher stays the model directory it was started from)."
+)
+_DEVICE_HELP = "cpu, cuda or cuda:N (default: cpu for transformers, cuda for vllm; not for servers)."
+_DTYPE_HELP = "float32, bfloat16 or float16 (default: float32 for transformers, bfloat16 for vllm; not for servers)."
+_URL_HELP = "sglang/openai: the server's address, e.g. http://127.0.0.1:30000 (API key: LOPD_TEACHER_API_KEY)."
+_CONCURRENCY_HELP = "sglang/openai: requests in flight at once (default 8)."
+_SERVED_HELP = "openai: the model name the server serves (default: the one GET /v1/models lists)."
+_GPU_MEM_HELP = "vllm: fraction of GPU memory the engine may use (default 0.85)."
+_TP_HELP = "vllm: GPUs to shard the teacher over (default 1)."
 
 
 class OnBadRecord(str, Enum):
@@ -70,9 +87,14 @@ def precompute(
     ],
     store: Annotated[Path, typer.Option(help="Store directory (created if missing).")],
     dataset: Annotated[str, typer.Option(help="Dataset name inside the store.")],
-    backend: Annotated[Backend, typer.Option(help="Scoring engine.")] = Backend.transformers,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    backend: Annotated[Backend, typer.Option(help=_BACKEND_HELP)] = Backend.transformers,
+    device: Annotated[str | None, typer.Option(help=_DEVICE_HELP)] = None,
+    dtype: Annotated[str | None, typer.Option(help=_DTYPE_HELP)] = None,
+    teacher_url: Annotated[str | None, typer.Option(help=_URL_HELP)] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help=_CONCURRENCY_HELP)] = None,
+    served_model_name: Annotated[str | None, typer.Option(help=_SERVED_HELP)] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help=_GPU_MEM_HELP)] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help=_TP_HELP)] = None,
     temperature: Annotated[float, typer.Option(help="Scoring temperature: log_softmax(logits / T).")] = 1.0,
     allow_teacher_mismatch: Annotated[
         bool, typer.Option(help="Build even if the teacher is not the SFT-data teacher (marked inconsistent).")
@@ -122,6 +144,11 @@ def precompute(
         max_batch_size=max_batch_size,
         progress=progress,
         publish=not no_publish,
+        teacher_url=teacher_url,
+        max_concurrency=max_concurrency,
+        served_model_name=served_model_name,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size,
     )
     try:
         result = run_precompute(cfg)
@@ -208,9 +235,14 @@ def verify(
     samples: Annotated[int, typer.Option(help="How many random samples to re-score.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the random sample.")] = 0,
     tolerance: Annotated[float, typer.Option(help="Largest accepted |stored - rescored| per token.")] = 1e-3,
-    backend: Annotated[Backend, typer.Option(help="Scoring engine.")] = Backend.transformers,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    backend: Annotated[Backend, typer.Option(help=_BACKEND_HELP)] = Backend.transformers,
+    device: Annotated[str | None, typer.Option(help=_DEVICE_HELP)] = None,
+    dtype: Annotated[str | None, typer.Option(help=_DTYPE_HELP)] = None,
+    teacher_url: Annotated[str | None, typer.Option(help=_URL_HELP)] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help=_CONCURRENCY_HELP)] = None,
+    served_model_name: Annotated[str | None, typer.Option(help=_SERVED_HELP)] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help=_GPU_MEM_HELP)] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help=_TP_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Re-score a random sample with a teacher; exit 1 if the stored log-probs differ beyond the tolerance."""
@@ -220,7 +252,9 @@ def verify(
     try:
         report = verify_dataset(
             store, dataset, teacher, version=version, samples=samples, seed=seed, tolerance=tolerance,
-            backend=backend.value, device=device, dtype=dtype,
+            backend=backend.value, device=device, dtype=dtype, teacher_url=teacher_url, max_concurrency=max_concurrency,
+            served_model_name=served_model_name, gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
         )  # fmt: skip
     except LopdError as e:
         _fail(e)

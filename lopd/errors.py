@@ -53,3 +53,15 @@ class Corrupt(LopdError):
 
 class Conflict(LopdError):
     """The operation conflicts with what is already stored (e.g. a staging area from other settings)."""
+
+
+class TeacherServerError(LopdError):
+    """A teacher inference server is unreachable, refused a request, or answered something unusable.
+
+    `record` is the index, within the scored batch, of the record the failure concerns (None when
+    it concerns the server as a whole), so the caller can name the sample by its id.
+    """
+
+    def __init__(self, message: str, *, record: int | None = None) -> None:
+        super().__init__(message)
+        self.record = record

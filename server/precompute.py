@@ -9,6 +9,7 @@ and restarted in any way, produce the same dataset.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import lopd
-from lopd.errors import BadRecords, InvalidInput, TeacherMismatch, TokenizerMismatch
+from lopd.errors import BadRecords, InvalidInput, TeacherMismatch, TeacherServerError, TokenizerMismatch
 from lopd.fingerprint import (
     is_fingerprint,
     model_fingerprint,
@@ -36,7 +37,8 @@ from lopd.storage.schema import FORMAT_VERSION, build_table
 from lopd.storage.staging import RunPlan, Staging, plan_parts
 
 from .rollouts import RolloutScan, expand_rollout_paths, load_rollouts, scan_rollouts
-from .teachers.base import CONTEXT_KEYS
+from .teachers import GENERATING_BACKENDS, HTTP_BACKENDS, resolve_backend_options
+from .teachers.base import config_context_length
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,8 @@ class PrecomputeConfig:
     store: Path
     dataset: str
     backend: str = "transformers"
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str | None = None  # None: the backend's own (cpu for transformers, cuda for vllm, none for servers)
+    dtype: str | None = None  # None: the backend's own (float32, bfloat16 for vllm, "server" for servers)
     temperature: float = 1.0
     allow_teacher_mismatch: bool = False
     rollout_policy: Path | None = None
@@ -70,6 +72,13 @@ class PrecomputeConfig:
     max_batch_size: int = 256
     progress: bool = True
     publish: bool = True
+    # Server-backed backends (sglang, openai): the server's address, requests in flight, served name.
+    teacher_url: str | None = None
+    max_concurrency: int | None = None
+    served_model_name: str | None = None
+    # The vllm backend's engine settings (None: its defaults).
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int | None = None
 
 
 @dataclass
@@ -84,7 +93,7 @@ class PrecomputeResult:
 
 
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
-    _validate_config(cfg)
+    cfg = _validate_config(cfg)
     notices: list[str] = []
 
     # 1. Teacher consistency and tokenizer agreement, from files only: refuse before loading weights.
@@ -116,6 +125,8 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
 
     # 2. Scan and validate every record before writing anything.
     max_context = _max_context(cfg.teacher)
+    if cfg.backend in GENERATING_BACKENDS:
+        max_context -= 1  # the engine generates one token after the record (see teachers/__init__.py)
     scan = scan_rollouts(
         expand_rollout_paths(cfg.rollouts),
         tokenizer,
@@ -133,6 +144,17 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         notices.append(
             f"{scan.retokenized} records were given as text and tokenized here: re-tokenized text may differ "
             "from the token ids the policy actually sampled; prefer prompt_ids/response_ids"
+        )
+
+    if (
+        cfg.backend in HTTP_BACKENDS
+        and cfg.rollout_policy is not None
+        and not all(r.has_rollout_logprobs for r in scan.records)
+    ):
+        raise InvalidInput(
+            f"--backend {cfg.backend} scores with the teacher's server only, so it cannot compute rollout log-probs "
+            "with --rollout-policy: include rollout_logprobs in the records, declare the tokenizer with "
+            "--rollout-tokenizer instead, or use an in-process backend"
         )
 
     # 3. The plan: a function of the inputs and settings only.
@@ -194,6 +216,11 @@ def _score_parts(
             temperature=temperature,
             max_batch_tokens=cfg.max_batch_tokens,
             max_batch_size=cfg.max_batch_size,
+            url=cfg.teacher_url,
+            max_concurrency=cfg.max_concurrency,
+            model=cfg.served_model_name,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
         )
 
     teacher = load(cfg.teacher, cfg.temperature)
@@ -219,7 +246,12 @@ def _score_parts(
             rollouts = load_rollouts(scan, refs, tokenizer)
             prompts = [r.prompt_ids for r in rollouts]
             responses = [r.response_ids for r in rollouts]
-            teacher_lp = teacher.score(prompts, responses)
+            try:
+                teacher_lp = teacher.score(prompts, responses)
+            except TeacherServerError as e:  # raised before write_part: this part stays missing, to redo on resume
+                if e.record is None:
+                    raise
+                raise TeacherServerError(f"sample {rollouts[e.record].id!r} (part {index}): {e}", record=None) from e
             rollout_lp: list[np.ndarray | None] = [r.rollout_logprobs for r in rollouts]
             need = [k for k, lp in enumerate(rollout_lp) if lp is None]
             if policy is not None and need:
@@ -237,8 +269,19 @@ def _score_parts(
             policy.close()
 
 
-def _validate_config(cfg: PrecomputeConfig) -> None:
+def _validate_config(cfg: PrecomputeConfig) -> PrecomputeConfig:
+    """Refuse bad settings; return the config with the backend's own device and dtype filled in."""
     layout.validate_name(cfg.dataset)
+    device, dtype = resolve_backend_options(
+        cfg.backend,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        teacher_url=cfg.teacher_url,
+        max_concurrency=cfg.max_concurrency,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        served_model_name=cfg.served_model_name,
+    )
     if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
         raise InvalidInput(f"--shard-index must be in 0..{cfg.num_shards - 1} (got {cfg.shard_index})")
     if cfg.temperature <= 0 or cfg.rollout_temperature <= 0:
@@ -248,6 +291,7 @@ def _validate_config(cfg: PrecomputeConfig) -> None:
     for label, path in (("teacher", cfg.teacher), ("rollout policy", cfg.rollout_policy)):
         if path is not None and not Path(path).is_dir():
             raise InvalidInput(f"{label} {path} is not a model directory")
+    return dataclasses.replace(cfg, device=device, dtype=dtype)
 
 
 def _load_tokenizer(model_dir: Path) -> Any:
@@ -259,11 +303,9 @@ def _load_tokenizer(model_dir: Path) -> Any:
 
 
 def _max_context(model_dir: Path) -> int:
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    for section in (config, config.get("text_config") or {}):  # multimodal configs nest the text model
-        for key in CONTEXT_KEYS:
-            if isinstance(section.get(key), int):
-                return int(section[key])
+    context = config_context_length(json.loads((Path(model_dir) / "config.json").read_text()))
+    if context is not None:
+        return context
     raise InvalidInput(f"cannot tell the context length of {model_dir} from its config.json")
 
 

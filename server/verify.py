@@ -53,13 +53,27 @@ def verify_dataset(
     seed: int = 0,
     tolerance: float = 1e-3,
     backend: str = "transformers",
-    device: str = "cpu",
-    dtype: str = "float32",
+    device: str | None = None,
+    dtype: str | None = None,
     max_batch_tokens: int = 16384,
+    teacher_url: str | None = None,
+    max_concurrency: int | None = None,
+    served_model_name: str | None = None,
+    gpu_memory_utilization: float | None = None,
+    tensor_parallel_size: int | None = None,
 ) -> VerifyReport:
-    """Re-score `samples` random samples with `teacher` at the manifest's temperature and compare."""
-    from .teachers import load_teacher
+    """Re-score `samples` random samples with `teacher` at the manifest's temperature and compare.
 
+    `device` and `dtype` default to the backend's own; `teacher_url` (and `max_concurrency`,
+    `served_model_name`) are for the server-backed backends, the last two options for vllm.
+    """
+    from .teachers import load_teacher, resolve_backend_options
+
+    device, dtype = resolve_backend_options(
+        backend, device=device, dtype=dtype, teacher_url=teacher_url, max_concurrency=max_concurrency,
+        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+        served_model_name=served_model_name,
+    )  # fmt: skip
     ds = Store(store_dir).open(dataset, version)
     n = len(ds)
     rng = np.random.default_rng(seed)
@@ -72,6 +86,11 @@ def verify_dataset(
         dtype=dtype,
         temperature=ds.manifest.provenance.temperature,
         max_batch_tokens=max_batch_tokens,
+        url=teacher_url,
+        max_concurrency=max_concurrency,
+        model=served_model_name,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size,
     )
     try:
         prompts = [np.asarray(p, dtype=np.int64) for p in table["prompt_ids"].to_pylist()]

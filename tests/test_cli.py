@@ -96,3 +96,17 @@ def test_sharded_workers_through_the_cli_and_finalize(tmp_path, tiny_llama_dir):
         assert out.returncode == 0 and "waiting for" in out.stdout, out.stderr
     out = lopd("finalize", str(tmp_path / "store"), "--dataset", "sh")
     assert out.returncode == 0 and "published: sh v1: 20 samples" in out.stdout, out.stderr
+
+
+def test_precompute_with_a_server_backend_needs_its_url(tmp_path, tiny_llama_dir):
+    rollouts = write_rollouts(tmp_path / "r.jsonl", 4)
+    out = lopd(
+        "precompute", str(rollouts), "--teacher", str(tiny_llama_dir), "--sft-teacher", str(tiny_llama_dir),
+        "--store", str(tmp_path / "store"), "--dataset", "x", "--no-progress", "--backend", "sglang",
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "--backend sglang scores through a running server: pass its address with --teacher-url" in out.stderr
+    assert not (tmp_path / "store").exists()
+    out = lopd("verify", str(tmp_path / "store"), "--dataset", "x", "--teacher", str(tiny_llama_dir),
+               "--teacher-url", "http://127.0.0.1:1")  # fmt: skip
+    assert out.returncode == 2 and "--teacher-url only applies to --backend sglang or openai" in out.stderr

@@ -16,8 +16,10 @@ server later) implements this one narrow contract, so the store cannot tell them
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -25,6 +27,23 @@ import numpy as np
 # Config keys that give a model's context length, in the order architectures use them. One list for
 # the precompute job (which reads config.json before loading any weights) and the backends.
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def snapshot_revision(path: Path) -> str | None:
+    """The commit hash when `path` is a hub cache snapshot (`.../snapshots/<40 hex>`)."""
+    p = path.absolute()
+    if p.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", p.name):
+        return p.name
+    return None
+
+
+def config_context_length(config: dict[str, Any]) -> int | None:
+    """The context length a `config.json` declares (multimodal configs nest it in `text_config`)."""
+    for section in (config, config.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            if isinstance(section.get(key), int):
+                return int(section[key])
+    return None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ refuses architectures whose head does something this path does not.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,21 +24,13 @@ import torch
 from lopd.errors import InvalidInput
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lopd.server.batching import plan_batches
-from lopd.server.teachers.base import CONTEXT_KEYS, TeacherInfo
+from lopd.server.teachers.base import CONTEXT_KEYS, TeacherInfo, snapshot_revision
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Max |head path - full forward| in log-prob units accepted by the load-time self-check. Half
 # precision differs a little between a padded, masked batch and a lone sequence; a missing
 # head transform (scaling, softcapping) differs by far more.
 _SELF_CHECK_TOL = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
-
-
-def _snapshot_revision(path: Path) -> str | None:
-    """The commit hash when `path` is a hub cache snapshot (`.../snapshots/<40 hex>`)."""
-    p = path.absolute()
-    if p.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", p.name):
-        return p.name
-    return None
 
 
 class TransformersTeacher:
@@ -100,7 +91,7 @@ class TransformersTeacher:
 
         self.info = TeacherInfo(
             name_or_path=str(model_dir),
-            revision=revision if revision is not None else _snapshot_revision(path),
+            revision=revision if revision is not None else snapshot_revision(path),
             fingerprint=fingerprint,
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
             architecture=str(architecture),

@@ -99,6 +99,35 @@ def test_consistent_run_stores_exact_teacher_logprobs(tmp_path, rollouts_file, t
     assert len(m.files) == 4  # 30 samples in parts of 8
 
 
+def test_vllm_request_outputs_precompute_like_the_equivalent_flat_file(tmp_path, rollouts_file, tiny_llama_dir):
+    """vLLM `RequestOutput` dumps (3 sampled outputs per prompt, some with per-token logprobs dicts) give the
+    same dataset as the flat records a conversion script would have written."""
+    records = _records(rollouts_file)
+    nested, flat = [], []
+    for q in range(0, len(records), 3):
+        prompt = records[q]["prompt_ids"]
+        outputs = []
+        for j, rec in enumerate(records[q : q + 3]):
+            lps = rec.get("rollout_logprobs")
+            logprobs = (
+                None if lps is None else [{t: {"logprob": lp, "rank": 1}} for t, lp in zip(rec["response_ids"], lps)]
+            )
+            outputs.append({"index": j, "text": "", "token_ids": rec["response_ids"], "logprobs": logprobs})
+            flat.append({"id": f"{q}/{j}", "prompt_ids": prompt, "response_ids": rec["response_ids"]})
+            if lps is not None:
+                flat[-1]["rollout_logprobs"] = lps
+        nested.append({"request_id": str(q), "prompt": "", "prompt_token_ids": prompt, "outputs": outputs})
+    for name, recs in (("nested", nested), ("flat", flat)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        assert run_precompute(_cfg(tmp_path / name, path, tiny_llama_dir)).status == "published"
+    got, want = (Store(tmp_path / name / "store").open("ds").read_all() for name in ("nested", "flat"))
+    assert got["sample_id"].to_pylist() == [r["id"] for r in flat]
+    for column in ("prompt_ids", "response_ids", "teacher_logprobs", "rollout_logprobs"):
+        assert got[column].to_pylist() == want[column].to_pylist(), column
+    assert got["rollout_logprobs"].null_count == want["rollout_logprobs"].null_count < len(flat)
+
+
 def test_rerun_is_a_no_op_and_sft_teacher_may_be_a_fingerprint(tmp_path, rollouts_file, tiny_llama_dir):
     first = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir))
     again = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir, sft_teacher=model_fingerprint(tiny_llama_dir)))

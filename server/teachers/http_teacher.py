@@ -1,0 +1,233 @@
+"""The base of the teachers whose log-probs come from a running inference server (SGLang, vLLM).
+
+* **Identity from local files.** The server only computes; what it computes with is proven by
+  the model directory it was started from: the fingerprint, the tokenizer fingerprint, the
+  vocabulary and the context length are all read locally, so the consistency gate works exactly
+  as for the in-process backends.
+* **Validation before sending.** Ids outside the vocabulary and records longer than the server
+  accepts are refused locally, naming the record, before any request.
+* **A probe at load.** One tiny request checks the server answers in the shape and alignment
+  the backend expects before any part is scored; at a temperature other than 1, a second one
+  checks the server applies it (servers that return unscaled log-probs are refused rather than
+  silently storing log-probs at T = 1 labelled otherwise).
+
+Requests, retries and concurrency are `http_scoring.HTTPClient`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from lopd.errors import InvalidInput, TeacherServerError
+from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
+
+from .base import TeacherInfo, config_context_length, snapshot_revision
+from .http_scoring import HTTPClient, RetryPolicy
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """What identifies a server's model, read from the model directory it was started from."""
+
+    path: Path
+    fingerprint: str
+    tokenizer: Any
+    tokenizer_fingerprint: str
+    architecture: str
+    vocab_size: int  # len(tokenizer)
+    id_limit: int  # ids below this are valid: the tokenizer's and the embedding's sizes, whichever is smaller
+    max_context: int
+
+
+def read_local_model(model_dir: str | Path) -> LocalModel:
+    """Fingerprints, tokenizer, vocabulary and context length of `model_dir`, without loading weights."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise InvalidInput(
+            f"model directory {path} does not exist: pass the directory the server was started from as --teacher "
+            "(its files prove which model the server runs)"
+        )
+    fingerprint = model_fingerprint(path)  # first: a clear error for directories that are not models
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise InvalidInput(
+            f"the server-backed teachers read the model's tokenizer with transformers ({e}); "
+            "install it with: pip install 'lightning-opd[http-teacher]'"
+        ) from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise InvalidInput(f"cannot load the tokenizer of {path}: {e}") from e
+    config = json.loads((path / "config.json").read_text())
+    text_config = config.get("text_config") or {}
+    embedding_rows = config.get("vocab_size") or text_config.get("vocab_size")
+    id_limit = min(len(tokenizer), int(embedding_rows)) if isinstance(embedding_rows, int) else len(tokenizer)
+    return LocalModel(
+        path=path,
+        fingerprint=fingerprint,
+        tokenizer=tokenizer,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        architecture=str((config.get("architectures") or [config.get("model_type", "unknown")])[0]),
+        vocab_size=len(tokenizer),
+        id_limit=id_limit,
+        max_context=config_context_length(config) or 0,
+    )
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What a server says about itself at load (each None when it does not say)."""
+
+    dtype: str | None = None
+    max_context: int | None = None
+
+
+class HTTPTeacher:
+    """A `Teacher` whose log-probs come from an inference server, one request per record.
+
+    Subclasses say how to check the server (`_connect`) and how to score one record
+    (`_score_record`); this class does validation, concurrency, identity and the load probe.
+    """
+
+    backend: ClassVar[str] = ""
+    # Appended to the refusal when the server ignores the temperature: how to make it apply it.
+    temperature_hint: ClassVar[str] = ""
+    # Both SGLang and vLLM refuse an input as long as the context: the server wants room for one
+    # generated token (vLLM generates it; SGLang checks `input >= context` even with 0 new tokens).
+    context_reserve: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        url: str,
+        temperature: float = 1.0,
+        max_concurrency: int = 8,
+        timeout_s: float = 600.0,
+        retry: RetryPolicy | None = None,
+        api_key: str | None = None,
+        revision: str | None = None,
+    ) -> None:
+        """`api_key` (default: the LOPD_TEACHER_API_KEY environment variable) is sent as a bearer token."""
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise InvalidInput(f"temperature must be a positive finite number, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.local = read_local_model(model_dir)
+        self.tokenizer = self.local.tokenizer
+        self.http = HTTPClient(
+            url, backend=self.backend, max_concurrency=max_concurrency, timeout_s=timeout_s, retry=retry,
+            api_key=api_key if api_key is not None else os.environ.get("LOPD_TEACHER_API_KEY"),
+        )  # fmt: skip
+        try:
+            facts = self._connect()
+            contexts = [c for c in (self.local.max_context, facts.max_context) if c]
+            self.max_tokens = min(contexts) - self.context_reserve if contexts else 0
+            self.info = TeacherInfo(
+                name_or_path=str(model_dir),
+                revision=revision if revision is not None else snapshot_revision(self.local.path),
+                fingerprint=self.local.fingerprint,
+                tokenizer_fingerprint=self.local.tokenizer_fingerprint,
+                architecture=self.local.architecture,
+                vocab_size=self.local.vocab_size,
+                max_context=self.local.max_context,
+                dtype=facts.dtype or "server",
+                backend=self.backend,
+                device=self.http.base_url,
+                temperature=self.temperature,
+            )
+            self._probe()
+        except BaseException:
+            self.http.close()
+            raise
+
+    # ------------------------------------------------------------------ subclass hooks
+
+    def _connect(self) -> ServerFacts:
+        """Check the server is up and serves a generative model; say what it reports about itself."""
+        raise NotImplementedError
+
+    def _score_record(self, i: int | None, prompt: list[int], response: list[int], temperature: float) -> np.ndarray:
+        """One record's response log-probs (float32) at `temperature`; `i` is None for the load probe."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """`log_softmax(teacher(prompt + response[:j]) / T)[response[j]]` per response token, in input order."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+        if self.http is None:
+            raise RuntimeError("this teacher has been closed")
+        records = [self._validate(i, p, r) for i, (p, r) in enumerate(zip(prompts, responses))]
+        return self.http.map_ordered(len(records), lambda i: self._score_record(i, *records[i], self.temperature))
+
+    def _validate(self, i: int, prompt: Sequence[int], response: Sequence[int]) -> tuple[list[int], list[int]]:
+        """The checks of the in-process backends, plus the server's context limit; lists of ints for JSON."""
+        p, r = np.asarray(prompt), np.asarray(response)
+        for name, a in (("prompt", p), ("response", r)):
+            if a.ndim != 1 or a.size == 0:
+                raise ValueError(
+                    f"record {i}: {name} must be a non-empty 1-D sequence of token ids "
+                    "(a prompt needs at least one token, e.g. BOS, to predict the first response token)"
+                )
+            if a.dtype.kind not in "iu":
+                raise ValueError(f"record {i}: {name} token ids must be integers, got dtype {a.dtype}")
+            if a.min() < 0 or a.max() >= self.local.id_limit:
+                raise ValueError(
+                    f"record {i}: {name} has token id {int(a.min() if a.min() < 0 else a.max())} outside "
+                    f"[0, {self.local.id_limit}); was it tokenized with a different tokenizer?"
+                )
+        if self.max_tokens and p.size + r.size > self.max_tokens:
+            raise TeacherServerError(
+                f"record {i}: {p.size} prompt + {r.size} response tokens exceed the {self.max_tokens} tokens the "
+                f"{self.backend} server accepts (its context minus the {self.context_reserve} token it generates); "
+                "truncate or drop the record",
+                record=i,
+            )
+        return p.tolist(), r.tolist()
+
+    @staticmethod
+    def label(i: int | None) -> str:
+        return "the load-time probe" if i is None else f"record {i}"
+
+    def _probe(self) -> None:
+        """Score a fixed record at load: the answer's shape and alignment, and that T is applied."""
+        lim = self.local.id_limit
+        seq = [(7 * k + 3) % lim for k in range(12)]
+        prompt, response = seq[:4], seq[4:]
+        at_t = self._score_record(None, prompt, response, self.temperature)
+        if self.temperature == 1.0:
+            return
+        at_1 = self._score_record(None, prompt, response, 1.0)
+        if float(np.max(np.abs(at_t.astype(np.float64) - at_1))) < 1e-6:
+            raise InvalidInput(
+                f"the {self.backend} server at {self.http.base_url} returns the same log-probs at temperature "
+                f"{self.temperature:g} as at 1: it does not apply the temperature to the log-probs it returns, so "
+                f"the store would hold log-probs at T = 1 labelled T = {self.temperature:g}. {self.temperature_hint}"
+            )
+
+    def close(self) -> None:
+        """Close the connection pool; the server keeps running."""
+        if self.http is not None:
+            self.http.close()
+            self.http = None  # type: ignore[assignment]
+
+
+def finite_float32(values: list[Any], *, what: str, record: int | None) -> np.ndarray:
+    """Server log-probs as float32, refusing nulls and non-finite numbers (a null may be an encoded -inf)."""
+    for j, v in enumerate(values):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v > 1e-3:
+            raise TeacherServerError(
+                f"{what}: the server's log-prob of response token {j} is {v!r}, not a finite log-probability",
+                record=record,
+            )
+    return np.asarray(values, dtype=np.float64).astype(np.float32)
