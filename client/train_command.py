@@ -16,6 +16,11 @@ import typer
 from lopd.errors import LopdError
 
 
+class RatioReference(str, Enum):
+    current = "current"
+    rollout = "rollout"
+
+
 class Normalization(str, Enum):
     token = "token"
     sequence = "sequence"
@@ -54,6 +59,10 @@ def train(
     tis_cap: Annotated[
         float | None, typer.Option(help="Truncated importance weight cap over rollout log-probs (off by default).")
     ] = None,
+    ratio_reference: Annotated[
+        RatioReference,
+        typer.Option(help="PPO ratio against the current policy (plain policy gradient) or the rollout policy."),
+    ] = RatioReference.current,
     normalize: Annotated[Normalization, typer.Option(help="Loss mean over tokens or over sequences.")] = (
         Normalization.token
     ),
@@ -90,6 +99,7 @@ def train(
         clip_eps_low=clip_eps,
         clip_eps_high=clip_eps,
         tis_cap=tis_cap,
+        ratio_reference=ratio_reference.value,
         normalize=normalize.value,
         tensorboard=tensorboard,
         wandb=wandb,

@@ -67,6 +67,9 @@ class TrainConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     tis_cap: float | None = None
+    # The PPO ratio's reference: "current" (the policy before this step: ratio 1, plain policy gradient)
+    # or "rollout" (the stored rollout log-probs: a trust region around the policy that sampled the data).
+    ratio_reference: str = "current"
     normalize: str = "token"
     tensorboard: bool = False
     wandb: bool = False
@@ -80,6 +83,8 @@ class TrainConfig:
                 raise InvalidInput(f"{name} is {getattr(self, name)}; it must be at least 1")
         if self.lr <= 0:
             raise InvalidInput(f"lr is {self.lr}; it must be positive")
+        if self.ratio_reference not in ("current", "rollout"):
+            raise InvalidInput(f"ratio_reference is {self.ratio_reference!r}; use 'current' or 'rollout'")
         if self.normalize not in ("token", "sequence"):
             raise InvalidInput(f"normalize is {self.normalize!r}; use 'token' or 'sequence'")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -189,11 +194,16 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def train_student(
-    cfg: TrainConfig, echo: Callable[[str], None] = log.info, client: StoreClient | None = None
+    cfg: TrainConfig,
+    echo: Callable[[str], None] = log.info,
+    client: StoreClient | None = None,
+    on_step: Callable[[int, Any], None] | None = None,
 ) -> TrainResult:
     """Train `cfg.student` on `cfg.dataset` for `cfg.steps` optimizer steps (continuing with `resume`).
 
     `client` replaces the `StoreClient` built from `cfg.url` / `cfg.token` (custom transports).
+    `on_step(step, model)` runs after every optimizer step with the model in eval mode (evaluation
+    during training); its time is excluded from the step time in metrics.csv.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -288,10 +298,15 @@ def train_student(
                 b = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
                 student_lp = token_logprobs(logits, b["input_ids"])  # aligned with teacher_logprobs
+                old = None
+                if cfg.ratio_reference == "rollout":  # rows without rollout log-probs keep ratio 1
+                    has = b["has_rollout_logprobs"][:, None].expand_as(student_lp)
+                    old = torch.where(has, b["rollout_logprobs"], student_lp.detach())
                 loss, m = lightning_opd_loss(
                     student_lp,
                     b["teacher_logprobs"],
                     b["response_mask"],
+                    old_logprobs=old,
                     rollout_logprobs=b["rollout_logprobs"],
                     has_rollout_logprobs=b["has_rollout_logprobs"],
                     clip_eps_low=cfg.clip_eps_low,
@@ -342,6 +357,10 @@ def train_student(
                 )
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint()
+            if on_step is not None:
+                model.eval()
+                on_step(step, model)
+                model.train()
     finally:
         batches.close()  # stops the prefetch threads
         client.close()

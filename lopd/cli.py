@@ -310,21 +310,36 @@ def tiny_model(
     typer.echo(str(path))
 
 
+class Preset(str, Enum):
+    fast = "fast"
+    default = "default"
+    full = "full"
+
+
 @app.command()
 def demo(
-    run_dir: Annotated[Path, typer.Option(help="Working directory for models, rollouts and the store.")] = Path(
+    run_dir: Annotated[Path, typer.Option(help="Working directory: models, data, the store and the results.")] = Path(
         "demo-run"
     ),
-    samples: Annotated[int, typer.Option(help="Rollouts to sample from the student.")] = 64,
-    train_steps: Annotated[int, typer.Option(help="Training steps through the client.")] = 4,
+    preset: Annotated[
+        Preset, typer.Option(help="fast: seconds, tiny (CI); default: one seed, minutes; full: three seeds.")
+    ] = Preset.default,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (overrides the preset's).")] = None,
 ) -> None:
-    """End to end on CPU: tiny models, rollouts, precompute, stats, serve, train through the client."""
-    from lopd.server.demo import run_demo
+    """The paper's pipeline on CPU: teachers, SFT, rollouts, precompute, serve, Lightning vs online OPD, results."""
+    from lopd.pipeline.config import PipelineConfig
+    from lopd.pipeline.run import run_pipeline
 
     _quiet_transformers()
-
+    seed_list = None
+    if seeds is not None:
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    cfg = PipelineConfig.preset_config(preset.value, seed_list)
     try:
-        run_demo(run_dir, samples=samples, train_steps=train_steps, echo=typer.echo)
+        run_pipeline(cfg, run_dir, echo=typer.echo)
     except LopdError as e:
         _fail(e)
 

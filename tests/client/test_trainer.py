@@ -145,3 +145,31 @@ def test_trains_on_cuda(served, tiny_qwen2_dir, tmp_path):
 
     result = _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "cuda", steps=2, device="cuda"))
     assert result.step == 2 and math.isfinite(result.last_metrics["loss"])
+
+
+def test_on_step_sees_every_step_in_eval_mode(served, tiny_qwen2_dir, tmp_path):
+    seen: list[tuple[int, bool]] = []
+    result = train_student(
+        _cfg(served, tiny_qwen2_dir, tmp_path / "hook", steps=3, grad_accum=1),
+        echo=lambda s: None,
+        client=served.client(retries=2, backoff_s=0.01),
+        on_step=lambda step, model: seen.append((step, model.training)),
+    )
+    assert result.step == 3
+    assert seen == [(1, False), (2, False), (3, False)]
+
+
+def test_ratio_reference_rollout_weighs_by_the_rollout_policy(served, tiny_qwen2_dir, tmp_path):
+    # With the current policy as reference the ratio is exactly 1, so the loss is minus the mean
+    # advantage. The store's rollout log-probs come from another model than this student, so with
+    # the rollout policy as reference the ratio exp(student - rollout) is far from 1 and the loss differs.
+    current = _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "current", steps=1, grad_accum=1))
+    rollout = _run(
+        served, _cfg(served, tiny_qwen2_dir, tmp_path / "rollout", steps=1, grad_accum=1, ratio_reference="rollout")
+    )
+    assert current.last_metrics["loss"] == pytest.approx(-current.last_metrics["mean_advantage"], abs=1e-5)
+    # Same data and weights at step 1: the advantage is the same, only the ratio changed.
+    assert rollout.last_metrics["mean_advantage"] == pytest.approx(current.last_metrics["mean_advantage"], abs=1e-5)
+    assert abs(rollout.last_metrics["loss"] + rollout.last_metrics["mean_advantage"]) > 1e-3
+    with pytest.raises(Exception, match="ratio_reference"):
+        TrainConfig(url="http://x", dataset="d", student=tmp_path, out=tmp_path, ratio_reference="old").validate()

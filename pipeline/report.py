@@ -1,0 +1,239 @@
+"""The pipeline's results: one JSON schema, a Markdown table, a plot, and the paper's claims checked.
+
+The JSON (`results.json`) is the source of truth; the table and the plot are rendered from it.
+Claims are *measured*: each says what was compared, the numbers, the noise threshold used, and
+whether it held. Nothing here knows what the answer should be.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from .config import PipelineConfig
+
+METHODS = {
+    "sft": "SFT (start point)",
+    "lightning_opd": "Lightning OPD (offline, teacher A)",
+    "online_opd": "online OPD (live teacher A)",
+    "lightning_opd_inconsistent": "Lightning OPD, inconsistent (teacher B)",
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Point(_Model):
+    step: int
+    accuracy: float
+    reverse_kl: float
+    sampled_accuracy: float
+
+
+class MethodRun(_Model):
+    method: str
+    teacher: str  # "A" or "B"; what scored the training signal
+    dataset: str | None  # the store dataset (offline methods)
+    curve: list[Point]  # step 0 is the SFT checkpoint
+    train_seconds: float  # wall-clock of training, evaluation excluded
+    teacher_forward_tokens: int  # tokens a teacher scored *during training*
+
+
+class SeedRun(_Model):
+    seed: int
+    sft: Point
+    precompute_seconds: float  # one-off: scoring the rollouts with teacher A (the consistent store)
+    precompute_teacher_tokens: int
+    rollouts: int
+    refused: str  # what the consistency gate said when asked to build the inconsistent store without the flag
+    runs: list[MethodRun]
+
+
+class TeacherInfo(_Model):
+    style: str
+    accuracy: float
+    fingerprint: str
+
+
+class SummaryRow(_Model):
+    method: str
+    label: str
+    seeds: int
+    accuracy_mean: float
+    accuracy_std: float  # over seeds (0 with one seed)
+    reverse_kl_mean: float
+    reverse_kl_std: float
+    sampled_accuracy_mean: float
+    train_seconds_mean: float | None
+    teacher_forward_tokens_mean: float | None
+
+
+class Claim(_Model):
+    claim: str
+    measured: str
+    threshold: str
+    holds: bool
+
+
+class PipelineReport(_Model):
+    config: PipelineConfig
+    teachers: list[TeacherInfo]
+    seeds: list[SeedRun]
+    summary: list[SummaryRow]
+    claims: list[Claim]
+    environment: dict[str, str | int | float | None]
+    total_seconds: float
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    return float(statistics.fmean(xs)), float(statistics.stdev(xs)) if len(xs) > 1 else 0.0
+
+
+def summarize(seeds: Sequence[SeedRun]) -> list[SummaryRow]:
+    rows = []
+    for method, label in METHODS.items():
+        if method == "sft":
+            finals = [s.sft for s in seeds]
+            secs, tokens = None, None
+        else:
+            runs = [r for s in seeds for r in s.runs if r.method == method]
+            if not runs:
+                continue
+            finals = [r.curve[-1] for r in runs]
+            secs = statistics.fmean(r.train_seconds for r in runs)
+            tokens = statistics.fmean(r.teacher_forward_tokens for r in runs)
+        acc, acc_sd = _mean_std([p.accuracy for p in finals])
+        kl, kl_sd = _mean_std([p.reverse_kl for p in finals])
+        rows.append(
+            SummaryRow(
+                method=method, label=label, seeds=len(finals), accuracy_mean=acc, accuracy_std=acc_sd,
+                reverse_kl_mean=kl, reverse_kl_std=kl_sd,
+                sampled_accuracy_mean=statistics.fmean(p.sampled_accuracy for p in finals),
+                train_seconds_mean=secs, teacher_forward_tokens_mean=tokens,
+            )
+        )  # fmt: skip
+    return rows
+
+
+def _noise(a: SummaryRow, b: SummaryRow, n_test: int) -> float:
+    """Twice the standard error of a difference of accuracies: the binomial error of `n_test`
+    problems per seed, or the seed-to-seed spread when there are seeds, whichever is larger."""
+
+    def se(r: SummaryRow) -> float:
+        p = min(max(r.accuracy_mean, 1 / n_test), 1 - 1 / n_test)
+        return max(math.sqrt(p * (1 - p) / (n_test * r.seeds)), r.accuracy_std / math.sqrt(r.seeds))
+
+    return 2 * math.sqrt(se(a) ** 2 + se(b) ** 2)
+
+
+def check_claims(summary: Sequence[SummaryRow], n_test: int) -> list[Claim]:
+    rows = {r.method: r for r in summary}
+    need = ("sft", "lightning_opd", "online_opd", "lightning_opd_inconsistent")
+    if not all(m in rows for m in need):
+        return []
+    sft, light, online, bad = (rows[m] for m in need)
+    claims = []
+
+    def acc_claim(text: str, a: SummaryRow, b: SummaryRow, kind: str) -> None:
+        diff, noise = a.accuracy_mean - b.accuracy_mean, _noise(a, b, n_test)
+        holds = diff > noise if kind == "above" else abs(diff) <= noise
+        claims.append(
+            Claim(
+                claim=text,
+                measured=f"{a.accuracy_mean:.1%} vs {b.accuracy_mean:.1%} (difference {diff:+.1%})",
+                threshold=f"2 standard errors of the difference = {noise:.1%}",
+                holds=holds,
+            )
+        )
+
+    acc_claim("Lightning OPD is clearly above SFT", light, sft, "above")
+    acc_claim("Lightning OPD is within noise of online OPD", light, online, "within")
+    acc_claim("the inconsistent teacher is clearly below the consistent one", light, bad, "above")
+    if light.train_seconds_mean and online.train_seconds_mean:
+        ratio = online.train_seconds_mean / light.train_seconds_mean
+        claims.append(
+            Claim(
+                claim="Lightning OPD's training phase is several times faster than online OPD's",
+                measured=f"{online.train_seconds_mean:.1f} s vs {light.train_seconds_mean:.1f} s ({ratio:.1f}x)",
+                threshold="at least 2x",
+                holds=ratio >= 2.0,
+            )
+        )
+    return claims
+
+
+def markdown(report: PipelineReport) -> str:
+    cfg = report.config
+    lines = [
+        f"Preset `{cfg.preset}`, seeds {cfg.seeds}; {cfg.test_problems} held-out {cfg.digits}-digit problems; "
+        f"{cfg.opd_steps} OPD steps of {cfg.opd_batch_size} samples from the same SFT checkpoint.",
+        "",
+        "| method | accuracy (greedy) | reverse KL to A (nats/token) | pass@1 at T=1 | training wall-clock | "
+        "teacher tokens during training |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report.summary:
+        spread = f" ± {r.accuracy_std:.1%}" if r.seeds > 1 else ""
+        kl_spread = f" ± {r.reverse_kl_std:.3f}" if r.seeds > 1 else ""
+        secs = "-" if r.train_seconds_mean is None else f"{r.train_seconds_mean:.1f} s"
+        tokens = "-" if r.teacher_forward_tokens_mean is None else f"{r.teacher_forward_tokens_mean:,.0f}"
+        lines.append(
+            f"| {r.label} | {r.accuracy_mean:.1%}{spread} | {r.reverse_kl_mean:.3f}{kl_spread} | "
+            f"{r.sampled_accuracy_mean:.1%} | {secs} | {tokens} |"
+        )
+    pre = statistics.fmean(s.precompute_seconds for s in report.seeds)
+    pre_tokens = statistics.fmean(s.precompute_teacher_tokens for s in report.seeds)
+    lines += [
+        "",
+        f"One-off precompute (teacher A scores {report.seeds[0].rollouts:,} rollouts once): {pre:.1f} s, "
+        f"{pre_tokens:,.0f} teacher tokens. Teachers: "
+        + ", ".join(f"{t.style} {t.accuracy:.1%}" for t in report.teachers)
+        + " greedy accuracy.",
+        "",
+        "| claim (paper, at toy scale) | measured | noise threshold | holds |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {c.claim} | {c.measured} | {c.threshold} | {'yes' if c.holds else 'NO'} |" for c in report.claims]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: PipelineReport, out: Path) -> Path:
+    """Accuracy and reverse KL against training steps, one line per method (mean over seeds, min-max band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    colors = {"lightning_opd": "tab:blue", "online_opd": "tab:green", "lightning_opd_inconsistent": "tab:red"}
+    for method, color in colors.items():
+        runs = [r for s in report.seeds for r in s.runs if r.method == method]
+        if not runs:
+            continue
+        steps = [p.step for p in runs[0].curve]
+        for ax, key in zip(axes, ("accuracy", "reverse_kl")):
+            ys = [[getattr(p, key) for p in r.curve] for r in runs]
+            mean = [statistics.fmean(col) for col in zip(*ys)]
+            ax.plot(steps, mean, color=color, marker="o", ms=3, label=METHODS[method])
+            if len(runs) > 1:
+                ax.fill_between(steps, [min(c) for c in zip(*ys)], [max(c) for c in zip(*ys)], color=color, alpha=0.15)
+    sft_acc = statistics.fmean(s.sft.accuracy for s in report.seeds)
+    sft_kl = statistics.fmean(s.sft.reverse_kl for s in report.seeds)
+    for ax, y in zip(axes, (sft_acc, sft_kl)):
+        ax.axhline(y, color="gray", ls="--", lw=1, label=METHODS["sft"])
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy (greedy)")
+    axes[1].set_ylabel("reverse KL to teacher A (nats/token)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"Lightning OPD vs online OPD vs inconsistent teacher ({report.config.preset}, seeds {report.config.seeds})"
+    )
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
