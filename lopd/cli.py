@@ -18,6 +18,7 @@ import typer
 
 from lopd.client.train_command import train
 from lopd.errors import LopdError
+from lopd.pipeline.cli import app as pipeline_app
 from lopd.server.api.command import serve
 from lopd.server.interop_command import export, import_
 
@@ -344,6 +345,7 @@ def demo(
         _fail(e)
 
 
+app.add_typer(pipeline_app, name="pipeline")
 app.command()(serve)
 app.command()(train)
 app.command("export")(export)

@@ -39,7 +39,7 @@ from .evaluate import evaluate
 from .online_opd import OnlineOPDConfig, train_online_opd
 from .report import MethodRun, PipelineReport, Point, SeedRun, TeacherInfo, check_claims, markdown, plot, summarize
 from .stages import generate_sft_data, sample_rollouts, sft_student, sft_teacher_of, train_teacher
-from .task import Problem, grade, make_problems
+from .task import Problem, grade, held_out_problems, make_problems
 
 RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "results.md", "results.png"
 
@@ -110,8 +110,8 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
     fit = lm.FitConfig(steps=cfg.teacher_steps, batch_size=cfg.fit_batch_size, lr=cfg.fit_lr)
 
     # 1. The task.
-    train = make_problems(cfg.train_problems, cfg.digits, seed=1)
-    test = make_problems(cfg.test_problems, cfg.digits, seed=2, exclude=train)
+    test = held_out_problems(cfg.test_problems, cfg.digits)
+    train = make_problems(cfg.train_problems, cfg.digits, seed=1, exclude=test)
     echo(f"[1/8] task: {cfg.digits}-digit addition, {len(train)} training prompts, {len(test)} held out")
 
     # 2. Teachers A and B: same task, same size, different solution styles.

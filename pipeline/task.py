@@ -55,6 +55,14 @@ def make_problems(n: int, digits: int, seed: int, exclude: Sequence[Problem] = (
     return out
 
 
+HELD_OUT_SEED = 2
+
+
+def held_out_problems(n: int, digits: int) -> list[Problem]:
+    """The evaluation set: drawn first, from its own seed, so every stage can exclude it."""
+    return make_problems(n, digits, seed=HELD_OUT_SEED)
+
+
 def _columns(p: Problem) -> list[tuple[int, int]]:
     """Digit pairs from the units column up; the shorter operand is padded with zeros."""
     a, b = str(p.a), str(p.b)

@@ -1,0 +1,157 @@
+"""`lopd pipeline <stage>`: each stage of the paper's pipeline as its own command, files in and files out.
+
+`lopd demo` chains them; these let a user stop anywhere and bring their own piece: their own
+teacher (skip `train-teacher`), SFT checkpoint (skip `sft`), rollouts (skip `rollouts`; any
+file `lopd precompute` reads). Scoring, serving and offline training are `lopd precompute`,
+`lopd serve` and `lopd train`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="The paper's pipeline, one stage at a time (see `lopd demo` for all of them).")
+
+Digits = Annotated[int, typer.Option(help="Operand digits of the addition problems.")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+MaxNew = Annotated[int, typer.Option(help="Longest response, in tokens.")]
+
+
+HELD_OUT = 500  # PipelineConfig.test_problems: the evaluation set every training-side stage excludes
+
+
+def _problems(n: int, digits: int, seed: int) -> list:
+    """Training-side problems: seeded, never among the held-out evaluation problems."""
+    from .task import held_out_problems, make_problems
+
+    return make_problems(n, digits, seed=seed, exclude=held_out_problems(HELD_OUT, digits))
+
+
+@app.command("train-teacher")
+def train_teacher_cmd(
+    out: Annotated[Path, typer.Argument(help="Directory for the teacher (Hugging Face format).")],
+    style: Annotated[str, typer.Option(help="Solution style: A or B.")] = "A",
+    problems: Annotated[int, typer.Option(help="Training problems.")] = 4000,
+    hidden: Annotated[int, typer.Option(help="Hidden size.")] = 128,
+    layers: Annotated[int, typer.Option(help="Layers.")] = 3,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 800,
+    digits: Digits = 3,
+    seed: Seed = 1,
+) -> None:
+    """Train a teacher on worked solutions in one style."""
+    from . import lm
+    from .config import ModelSize
+    from .stages import train_teacher
+
+    if style not in ("A", "B"):
+        raise typer.BadParameter(f"--style must be A or B, got {style!r}")
+    train_teacher(
+        out, style, _problems(problems, digits, 1), ModelSize(hidden=hidden, layers=layers),  # type: ignore[arg-type]
+        lm.FitConfig(steps=steps, seed=seed),
+    )  # fmt: skip
+    typer.echo(f"teacher {style} in {out}")
+
+
+@app.command("sft-data")
+def sft_data_cmd(
+    teacher: Annotated[Path, typer.Argument(help="The teacher that writes the SFT data.")],
+    out: Annotated[Path, typer.Argument(help="JSONL to write (prompt_ids, response_ids); provenance beside it.")],
+    problems: Annotated[int, typer.Option(help="Problems to solve.")] = 3000,
+    digits: Digits = 3,
+    seed: Seed = 0,
+    max_new_tokens: MaxNew = 48,
+) -> None:
+    """Sample SFT data from a teacher and record which teacher it was."""
+    from .stages import generate_sft_data
+
+    generate_sft_data(teacher, _problems(problems, digits, 1), out, seed=seed, max_new_tokens=max_new_tokens)
+    typer.echo(f"SFT data in {out}")
+
+
+@app.command("sft")
+def sft_cmd(
+    sft_data: Annotated[Path, typer.Argument(help="SFT data JSONL (from `sft-data`, or your own).")],
+    out: Annotated[Path, typer.Argument(help="Directory for the student checkpoint.")],
+    hidden: Annotated[int, typer.Option(help="Hidden size.")] = 64,
+    layers: Annotated[int, typer.Option(help="Layers.")] = 2,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,
+    seed: Seed = 100,
+) -> None:
+    """Fine-tune a fresh student on SFT data (its provenance is copied into the checkpoint)."""
+    from . import lm
+    from .config import ModelSize
+    from .stages import sft_student
+
+    sft_student(sft_data, out, ModelSize(hidden=hidden, layers=layers), lm.FitConfig(steps=steps, seed=seed))
+    typer.echo(f"SFT student in {out}")
+
+
+@app.command("rollouts")
+def rollouts_cmd(
+    policy: Annotated[Path, typer.Argument(help="The policy to sample (the SFT student).")],
+    out: Annotated[Path, typer.Argument(help="JSONL for `lopd precompute` (ids as sampled + rollout_logprobs).")],
+    problems: Annotated[int, typer.Option(help="Prompts to sample.")] = 4096,
+    digits: Digits = 3,
+    seed: Seed = 0,
+    max_new_tokens: MaxNew = 48,
+) -> None:
+    """Sample one rollout per prompt from a policy, with its log-probs."""
+    from .stages import sample_rollouts
+
+    sample_rollouts(policy, _problems(problems, digits, 1000 + seed), out, seed=seed, max_new_tokens=max_new_tokens)
+    typer.echo(f"rollouts in {out}")
+
+
+@app.command("online-opd")
+def online_opd_cmd(
+    student: Annotated[Path, typer.Argument(help="The SFT student to start from.")],
+    teacher: Annotated[Path, typer.Argument(help="The live teacher.")],
+    out: Annotated[Path, typer.Argument(help="Directory for the trained student.")],
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 128,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-5,
+    problems: Annotated[int, typer.Option(help="Prompt pool.")] = 4096,
+    digits: Digits = 3,
+    seed: Seed = 0,
+    max_new_tokens: MaxNew = 48,
+) -> None:
+    """Standard online OPD: sample from the student and score with the live teacher at every step."""
+    from lopd.server.teachers.transformers_backend import TransformersTeacher
+
+    from . import lm
+    from .online_opd import OnlineOPDConfig, train_online_opd
+
+    live = TransformersTeacher(teacher)
+    prompts = [lm.encode_prompt(live.tokenizer, p.prompt) for p in _problems(problems, digits, 1000 + seed)]
+    cfg = OnlineOPDConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, max_new_tokens=max_new_tokens)
+    result = train_online_opd(student, live, prompts, cfg, out=out)
+    typer.echo(json.dumps({"out": str(out), **result.__dict__}))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    student: Annotated[Path, typer.Argument(help="The model to evaluate.")],
+    teacher: Annotated[Path, typer.Argument(help="The teacher the reverse KL is measured against.")],
+    problems: Annotated[int, typer.Option(help="Held-out problems.")] = HELD_OUT,
+    kl_samples: Annotated[int, typer.Option(help="Problems sampled for the reverse KL.")] = 300,
+    digits: Digits = 3,
+    seed: Seed = 0,
+    max_new_tokens: MaxNew = 48,
+) -> None:
+    """Held-out greedy accuracy and reverse KL to the teacher on the model's own samples (JSON)."""
+    from lopd.server.teachers.transformers_backend import TransformersTeacher
+
+    from . import lm
+    from .evaluate import evaluate
+    from .task import held_out_problems
+
+    model, tok = lm.load(student)
+    result = evaluate(
+        model, tok, held_out_problems(problems, digits), TransformersTeacher(teacher),
+        kl_samples=kl_samples, seed=seed, max_new_tokens=max_new_tokens,
+    )  # fmt: skip
+    typer.echo(json.dumps(result.to_json()))
