@@ -155,3 +155,20 @@ def evaluate_cmd(
         kl_samples=kl_samples, seed=seed, max_new_tokens=max_new_tokens,
     )  # fmt: skip
     typer.echo(json.dumps(result.to_json()))
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A `lopd demo` run directory (holds results.json).")],
+) -> None:
+    """Re-render results.md and results.png from results.json (after editing nothing but the rendering)."""
+    from .report import PipelineReport, markdown, plot
+    from .run import RESULTS_JSON, RESULTS_MD, RESULTS_PNG
+
+    path = run_dir / RESULTS_JSON
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} does not exist; run `lopd demo --run-dir {run_dir}` first")
+    report = PipelineReport.model_validate_json(path.read_text())
+    (run_dir / RESULTS_MD).write_text(markdown(report))
+    plot(report, run_dir / RESULTS_PNG)
+    typer.echo(markdown(report))

@@ -125,18 +125,20 @@ def sample(
     max_new_tokens: int = 64,
     batch_size: int = 256,
     seed: int = 0,
+    desc: str | None = None,
 ) -> tuple[list[list[int]], list[np.ndarray]]:
     """Responses (token ids as sampled, through the end token when one was sampled) and the
     sampling policy's log-prob of each, `log_softmax(logits / T)[token]` over the full vocabulary.
 
     Plain ancestral sampling (no top-k, no top-p): the log-probs are those of the distribution the
     tokens were really drawn from, which is what an on-policy estimator needs. Prompts are
-    left-padded into batches with a KV cache.
+    left-padded into batches with a KV cache. `desc` shows a progress bar over the prompts.
     """
     gen = torch.Generator().manual_seed(seed)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     out_ids: list[list[int]] = []
     out_lp: list[np.ndarray] = []
+    bar = tqdm(total=len(prompts), desc=desc, disable=desc is None, dynamic_ncols=True, leave=False)
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start : start + batch_size]]
         width = max(len(p) for p in chunk)
@@ -181,6 +183,8 @@ def sample(
             n = row.index(eos) + 1 if eos in row else len(row)
             out_ids.append(row[:n])
             out_lp.append(lrow[:n].astype(np.float32))
+        bar.update(len(chunk))
+    bar.close()
     return out_ids, out_lp
 
 

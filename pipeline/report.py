@@ -229,7 +229,8 @@ def plot(report: PipelineReport, out: Path) -> Path:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out accuracy (greedy)")
-    axes[1].set_ylabel("reverse KL to teacher A (nats/token)")
+    axes[1].set_ylabel("reverse KL to teacher A (nats/token, log scale)")
+    axes[1].set_yscale("log")  # the inconsistent run is an order of magnitude above the others
     axes[0].legend(fontsize=8)
     fig.suptitle(
         f"Lightning OPD vs online OPD vs inconsistent teacher ({report.config.preset}, seeds {report.config.seeds})"

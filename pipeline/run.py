@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 import lopd
 from lopd.errors import Inconsistent, TeacherMismatch
 from lopd.fingerprint import model_fingerprint
@@ -198,6 +200,12 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
                 echo(f"[7/8] seed {seed}: {method} on {dataset} over HTTP ({cfg.opd_steps} steps)")
                 ev = _Evaluator(cfg, tok, test, teacher_a, seed)
                 ev.curve.append(sft_point)
+                bar = tqdm(total=cfg.opd_steps, desc=method, dynamic_ncols=True, leave=False)
+
+                def on_step(step: int, model: Any, ev: _Evaluator = ev, bar: Any = bar) -> None:
+                    bar.update(1)
+                    ev(step, model)
+
                 t0 = time.perf_counter()
                 train_student(
                     TrainConfig(
@@ -207,8 +215,9 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
                         ratio_reference="rollout", log_every=cfg.opd_steps, checkpoint_every=cfg.opd_steps,
                     ),
                     echo=lambda line: None,
-                    on_step=ev,
+                    on_step=on_step,
                 )  # fmt: skip
+                bar.close()
                 seconds = time.perf_counter() - t0 - ev.seconds
                 runs.append(MethodRun(method=method, teacher=style, dataset=dataset, curve=ev.curve,
                                       train_seconds=seconds, teacher_forward_tokens=0))  # fmt: skip

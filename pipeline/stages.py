@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lopd.fingerprint import model_fingerprint
 from lopd.server.tiny_models import build_tiny_model
@@ -25,6 +26,16 @@ from .config import ModelSize
 from .task import Problem, Style, solve
 
 SFT_PROVENANCE = "sft_provenance.json"  # next to the SFT data and inside the student checkpoint
+
+
+def _fresh_model(out: Path, size: ModelSize, seed: int) -> tuple[Any, Any]:
+    """A randomly initialised Llama with the char-level tokenizer; the vocabulary is exactly the
+    tokenizer's, so sampling can only produce real tokens."""
+    build_tiny_model(
+        out, "llama", seed=seed, hidden=size.hidden, layers=size.layers, max_positions=128, pad_vocab=False,
+        init_std=0.02,
+    )  # fmt: skip
+    return lm.load(out)
 
 
 def train_teacher(
@@ -37,11 +48,7 @@ def train_teacher(
     progress: bool = True,
 ) -> Path:
     """Fine-tune a fresh model on worked solutions written in `style`; save it to `out`."""
-    build_tiny_model(
-        out, "llama", seed=fit.seed, hidden=size.hidden, layers=size.layers, max_positions=128,
-        pad_vocab=False, init_std=0.02,
-    )  # fmt: skip
-    model, tok = lm.load(out)
+    model, tok = _fresh_model(out, size, fit.seed)
     examples = [(lm.encode_prompt(tok, p.prompt), lm.encode_response(tok, solve(p, style))) for p in problems]
     lm.fit(model, examples, fit, pad_id=tok.pad_token_id, desc=f"teacher {style}", progress=progress)
     model.save_pretrained(str(out))
@@ -58,7 +65,7 @@ def generate_sft_data(
     """
     model, tok = lm.load(teacher_dir)
     prompts = [lm.encode_prompt(tok, p.prompt) for p in problems]
-    responses, _ = lm.sample(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed)
+    responses, _ = lm.sample(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed, desc="SFT data")
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
         for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -83,11 +90,7 @@ def sft_student(
     progress: bool = True,
 ) -> Path:
     """Fine-tune a fresh, smaller model on the SFT data; the provenance travels with the checkpoint."""
-    build_tiny_model(
-        out, "llama", seed=fit.seed, hidden=size.hidden, layers=size.layers, max_positions=128,
-        pad_vocab=False, init_std=0.02,
-    )  # fmt: skip
-    model, tok = lm.load(out)
+    model, tok = _fresh_model(out, size, fit.seed)
     lm.fit(model, read_examples(sft_data), fit, pad_id=tok.pad_token_id, desc="SFT student", progress=progress)
     model.save_pretrained(str(out))
     provenance = sft_data.with_name(SFT_PROVENANCE)
@@ -111,7 +114,7 @@ def sample_rollouts(
     sampled and the policy's log-prob of each (`rollout_logprobs`)."""
     model, tok = lm.load(policy_dir)
     prompts = [lm.encode_prompt(tok, p.prompt) for p in problems]
-    responses, logprobs = lm.sample(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed)
+    responses, logprobs = lm.sample(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed, desc="rollouts")
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
         for i, (p, r, lp) in enumerate(zip(prompts, responses, logprobs)):

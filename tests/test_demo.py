@@ -49,6 +49,13 @@ def test_demo_fast_runs_the_pipeline_end_to_end(tmp_path):
     md = (run / RESULTS_MD).read_text()
     assert all(label in md for label in METHODS.values())
 
+    # The table and the plot re-render from the JSON alone.
+    (run / RESULTS_PNG).unlink()
+    rerender = [sys.executable, "-m", "lopd", "pipeline", "report", str(run)]
+    again = subprocess.run(rerender, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (run / RESULTS_MD).read_text() == md and (run / RESULTS_PNG).is_file()
+
     store = Store(run / "store")
     for seed in (0, 1):
         good, bad = store.open(f"seed{seed}-teacher-A"), store.open(f"seed{seed}-teacher-B")

@@ -77,3 +77,29 @@ class Teacher(Protocol):
     def close(self) -> None:
         """Release the model and any device memory it holds."""
         ...
+
+
+def check_token_ids(
+    i: int, prompt: Sequence[int], response: Sequence[int], id_limit: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The checks every backend makes on record `i` before scoring it; returns the ids as arrays.
+
+    A prompt needs at least one token (e.g. BOS) to predict the first response token; ids outside
+    the vocabulary mean the record was tokenized with another tokenizer. The context-length check
+    is the backend's own (each engine reserves differently).
+    """
+    p, r = np.asarray(prompt), np.asarray(response)
+    for name, a in (("prompt", p), ("response", r)):
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(
+                f"record {i}: {name} must be a non-empty 1-D sequence of token ids "
+                "(a prompt needs at least one token, e.g. BOS, to predict the first response token)"
+            )
+        if a.dtype.kind not in "iu":
+            raise ValueError(f"record {i}: {name} token ids must be integers, got dtype {a.dtype}")
+        if a.min() < 0 or a.max() >= id_limit:
+            raise ValueError(
+                f"record {i}: {name} has token id {int(a.min() if a.min() < 0 else a.max())} outside "
+                f"[0, {id_limit}); was it tokenized with a different tokenizer?"
+            )
+    return p, r

@@ -29,7 +29,7 @@ import numpy as np
 from lopd.errors import InvalidInput, TeacherServerError
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 
-from .base import TeacherInfo, config_context_length, snapshot_revision
+from .base import TeacherInfo, check_token_ids, config_context_length, snapshot_revision
 from .http_scoring import HTTPClient, RetryPolicy
 
 
@@ -172,20 +172,7 @@ class HTTPTeacher:
 
     def _validate(self, i: int, prompt: Sequence[int], response: Sequence[int]) -> tuple[list[int], list[int]]:
         """The checks of the in-process backends, plus the server's context limit; lists of ints for JSON."""
-        p, r = np.asarray(prompt), np.asarray(response)
-        for name, a in (("prompt", p), ("response", r)):
-            if a.ndim != 1 or a.size == 0:
-                raise ValueError(
-                    f"record {i}: {name} must be a non-empty 1-D sequence of token ids "
-                    "(a prompt needs at least one token, e.g. BOS, to predict the first response token)"
-                )
-            if a.dtype.kind not in "iu":
-                raise ValueError(f"record {i}: {name} token ids must be integers, got dtype {a.dtype}")
-            if a.min() < 0 or a.max() >= self.local.id_limit:
-                raise ValueError(
-                    f"record {i}: {name} has token id {int(a.min() if a.min() < 0 else a.max())} outside "
-                    f"[0, {self.local.id_limit}); was it tokenized with a different tokenizer?"
-                )
+        p, r = check_token_ids(i, prompt, response, self.local.id_limit)
         if self.max_tokens and p.size + r.size > self.max_tokens:
             raise TeacherServerError(
                 f"record {i}: {p.size} prompt + {r.size} response tokens exceed the {self.max_tokens} tokens the "

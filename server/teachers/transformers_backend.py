@@ -24,7 +24,7 @@ import torch
 from lopd.errors import InvalidInput
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lopd.server.batching import plan_batches
-from lopd.server.teachers.base import CONTEXT_KEYS, TeacherInfo, snapshot_revision
+from lopd.server.teachers.base import CONTEXT_KEYS, TeacherInfo, check_token_ids, snapshot_revision
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Max |head path - full forward| in log-prob units accepted by the load-time self-check. Half
@@ -125,20 +125,7 @@ class TransformersTeacher:
         return out
 
     def _validate(self, i: int, prompt: Sequence[int], response: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        p, r = np.asarray(prompt), np.asarray(response)
-        for name, a in (("prompt", p), ("response", r)):
-            if a.ndim != 1 or a.size == 0:
-                raise ValueError(
-                    f"record {i}: {name} must be a non-empty 1-D sequence of token ids "
-                    "(a prompt needs at least one token, e.g. BOS, to predict the first response token)"
-                )
-            if a.dtype.kind not in "iu":
-                raise ValueError(f"record {i}: {name} token ids must be integers, got dtype {a.dtype}")
-            if a.min() < 0 or a.max() >= self._id_limit:
-                raise ValueError(
-                    f"record {i}: {name} has token id {int(a.min() if a.min() < 0 else a.max())} outside "
-                    f"[0, {self._id_limit}); was it tokenized with a different tokenizer?"
-                )
+        p, r = check_token_ids(i, prompt, response, self._id_limit)
         if self.info.max_context and p.size + r.size > self.info.max_context:
             raise ValueError(
                 f"record {i}: {p.size + r.size} tokens exceed the teacher's context of "

@@ -67,7 +67,7 @@ import numpy as np
 from lopd.errors import InvalidInput, TeacherServerError
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lopd.server.batching import plan_batches
-from lopd.server.teachers.base import TeacherInfo, config_context_length, snapshot_revision
+from lopd.server.teachers.base import TeacherInfo, check_token_ids, config_context_length, snapshot_revision
 
 log = logging.getLogger(__name__)
 
@@ -452,20 +452,7 @@ class VLLMTeacher:
 
     def _validate(self, i: int, prompt: Sequence[int], response: Sequence[int]) -> tuple[list[int], list[int], int]:
         """The transformers backend's checks, against the engine's context minus the token it generates."""
-        p, r = np.asarray(prompt), np.asarray(response)
-        for name, a in (("prompt", p), ("response", r)):
-            if a.ndim != 1 or a.size == 0:
-                raise ValueError(
-                    f"record {i}: {name} must be a non-empty 1-D sequence of token ids "
-                    "(a prompt needs at least one token, e.g. BOS, to predict the first response token)"
-                )
-            if a.dtype.kind not in "iu":
-                raise ValueError(f"record {i}: {name} token ids must be integers, got dtype {a.dtype}")
-            if a.min() < 0 or a.max() >= self._id_limit:
-                raise ValueError(
-                    f"record {i}: {name} has token id {int(a.min() if a.min() < 0 else a.max())} outside "
-                    f"[0, {self._id_limit}); was it tokenized with a different tokenizer?"
-                )
+        p, r = check_token_ids(i, prompt, response, self._id_limit)
         if self._max_tokens and p.size + r.size > self._max_tokens:
             raise ValueError(
                 f"record {i}: {p.size + r.size} tokens exceed the {self._max_tokens} the vLLM engine accepts (its "

@@ -53,3 +53,8 @@ def test_stages_chain_through_files_into_precompute(tmp_path: Path):
 def test_train_teacher_rejects_an_unknown_style(tmp_path: Path):
     result = runner.invoke(app, ["pipeline", "train-teacher", str(tmp_path / "t"), "--style", "C"])
     assert result.exit_code != 0 and "A or B" in result.output
+
+
+def test_report_needs_a_run_directory(tmp_path: Path):
+    result = runner.invoke(app, ["pipeline", "report", str(tmp_path)])
+    assert result.exit_code != 0 and "results.json" in result.output
