@@ -43,7 +43,7 @@ def test_demo_fast_runs_the_pipeline_end_to_end(tmp_path):
             assert (r.teacher_forward_tokens > 0) == (r.method == "online_opd")
         assert s.precompute_teacher_tokens > 0 and "refusing" in s.refused
     assert {r.method for r in report.summary} == set(METHODS)
-    assert len(report.claims) == 4
+    assert len(report.claims) == 5
     assert report.environment["torch"] and report.environment["cpu_count"]
     assert (run / RESULTS_PNG).read_bytes()[:4] == b"\x89PNG"
     md = (run / RESULTS_MD).read_text()

@@ -77,3 +77,12 @@ def test_markdown_and_plot_render_every_method(tmp_path: Path):
     png = plot(report, tmp_path / "r.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert PipelineReport.model_validate_json(report.model_dump_json()) == report
+
+
+def test_the_end_to_end_claim_counts_the_one_off_cost():
+    seeds = [_seed(0, 0.5, 0.8, 0.8, 0.1, light_s=10.0, online_s=40.0)]
+    summary = summarize(seeds)
+    cheap, dear = check_claims(summary, 500, one_off_seconds=5.0), check_claims(summary, 500, one_off_seconds=35.0)
+    assert len(cheap) == 5 and cheap[4].holds and "2.7x" in cheap[4].measured
+    assert dear[4].holds is False
+    assert len(check_claims(summary, 500)) == 4
