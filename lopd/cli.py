@@ -319,9 +319,9 @@ class Preset(str, Enum):
 
 @app.command()
 def demo(
-    run_dir: Annotated[Path, typer.Option(help="Working directory: models, data, the store and the results.")] = Path(
-        "demo-run"
-    ),
+    run_dir: Annotated[
+        Path, typer.Option(help="Working directory: models, data, the store and the results (a re-run starts afresh).")
+    ] = Path("demo-run"),
     preset: Annotated[
         Preset, typer.Option(help="fast: seconds, tiny (CI); default: one seed, minutes; full: three seeds.")
     ] = Preset.default,

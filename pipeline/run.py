@@ -132,9 +132,11 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
 
     seeds: list[SeedRun] = []
     store = run_dir / "store"
+    if store.exists():  # the demo's own scratch store: a re-run measures its precompute afresh
+        shutil.rmtree(store)
     for seed in cfg.seeds:
         sd = run_dir / f"seed-{seed}"
-        if sd.exists():  # a seed's stages start afresh; teachers and the store are reused
+        if sd.exists():  # every stage of a re-run starts afresh
             shutil.rmtree(sd)
         # 3. SFT data from teacher A, and the student fine-tuned on it.
         echo(f"[3/8] seed {seed}: SFT data from teacher A, student SFT ({cfg.sft_steps} steps)")
