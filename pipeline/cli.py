@@ -161,14 +161,16 @@ def evaluate_cmd(
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A `lopd demo` run directory (holds results.json).")],
 ) -> None:
-    """Re-render results.md and results.png from results.json (after editing nothing but the rendering)."""
-    from .report import PipelineReport, markdown, plot
+    """Recompute the summary and claims from results.json's measurements; rewrite it, results.md and results.png."""
+    from .report import PipelineReport, derive, markdown, plot
     from .run import RESULTS_JSON, RESULTS_MD, RESULTS_PNG
 
     path = run_dir / RESULTS_JSON
     if not path.is_file():
         raise typer.BadParameter(f"{path} does not exist; run `lopd demo --run-dir {run_dir}` first")
-    report = PipelineReport.model_validate_json(path.read_text())
+    old = PipelineReport.model_validate_json(path.read_text())
+    report = derive(old.config, old.teachers, old.seeds, old.environment, old.total_seconds)
+    path.write_text(report.model_dump_json(indent=2) + "\n")
     (run_dir / RESULTS_MD).write_text(markdown(report))
     plot(report, run_dir / RESULTS_PNG)
     typer.echo(markdown(report))

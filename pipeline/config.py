@@ -33,7 +33,7 @@ class PipelineConfig(BaseModel):
     teacher_steps: int = Field(800, gt=0)
     student: ModelSize = ModelSize(hidden=64, layers=2)
     sft_examples: int = Field(3000, gt=0, description="teacher-A samples the student is fine-tuned on")
-    sft_steps: int = Field(500, gt=0)
+    sft_steps: int = Field(550, gt=0)
     rollouts: int = Field(4096, gt=0, description="student samples scored once for Lightning OPD")
     opd_steps: int = Field(300, gt=0, description="optimizer steps of each OPD run")
     opd_batch_size: int = Field(128, gt=0)

@@ -121,18 +121,33 @@ def summarize(seeds: Sequence[SeedRun]) -> list[SummaryRow]:
     return rows
 
 
-def _noise(a: SummaryRow, b: SummaryRow, n_test: int) -> float:
-    """Twice the standard error of a difference of accuracies: the binomial error of `n_test`
-    problems per seed, or the seed-to-seed spread when there are seeds, whichever is larger."""
-
-    def se(r: SummaryRow) -> float:
-        p = min(max(r.accuracy_mean, 1 / n_test), 1 - 1 / n_test)
-        return max(math.sqrt(p * (1 - p) / (n_test * r.seeds)), r.accuracy_std / math.sqrt(r.seeds))
-
-    return 2 * math.sqrt(se(a) ** 2 + se(b) ** 2)
+def _final_accuracies(seeds: Sequence[SeedRun], method: str) -> list[float]:
+    """Each seed's final accuracy of `method`, in seed order ("sft": the starting checkpoint)."""
+    if method == "sft":
+        return [s.sft.accuracy for s in seeds]
+    return [next(r for r in s.runs if r.method == method).curve[-1].accuracy for s in seeds]
 
 
-def check_claims(summary: Sequence[SummaryRow], n_test: int, one_off_seconds: float | None = None) -> list[Claim]:
+def paired_difference(seeds: Sequence[SeedRun], a: str, b: str, n_test: int) -> tuple[float, float]:
+    """(mean over seeds of accuracy(a) - accuracy(b), twice its standard error).
+
+    Paired: within a seed every method starts from the same SFT checkpoint, so how good that
+    checkpoint happened to be is common to both and cancels in the difference. The standard error
+    is the larger of the binomial error of `n_test` problems and the spread of the per-seed
+    differences over the seeds (with one seed only the binomial error is known).
+    """
+    diffs = [x - y for x, y in zip(_final_accuracies(seeds, a), _final_accuracies(seeds, b))]
+    k = len(diffs)
+    pa, pb = (statistics.fmean(_final_accuracies(seeds, m)) for m in (a, b))
+    pa, pb = (min(max(p, 1 / n_test), 1 - 1 / n_test) for p in (pa, pb))
+    binomial = math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / (n_test * k))
+    spread = statistics.stdev(diffs) / math.sqrt(k) if k > 1 else 0.0
+    return statistics.fmean(diffs), 2 * max(binomial, spread)
+
+
+def check_claims(
+    seeds: Sequence[SeedRun], summary: Sequence[SummaryRow], n_test: int, one_off_seconds: float | None = None
+) -> list[Claim]:
     """The paper's claims at toy scale, each measured against a stated threshold.
 
     `one_off_seconds` (sampling + scoring the rollouts once) adds the end-to-end cost comparison."""
@@ -140,24 +155,27 @@ def check_claims(summary: Sequence[SummaryRow], n_test: int, one_off_seconds: fl
     need = ("sft", "lightning_opd", "online_opd", "lightning_opd_inconsistent")
     if not all(m in rows for m in need):
         return []
-    sft, light, online, bad = (rows[m] for m in need)
+    light, online = rows["lightning_opd"], rows["online_opd"]
     claims = []
 
-    def acc_claim(text: str, a: SummaryRow, b: SummaryRow, kind: str) -> None:
-        diff, noise = a.accuracy_mean - b.accuracy_mean, _noise(a, b, n_test)
+    def acc_claim(text: str, a: str, b: str, kind: str) -> None:
+        diff, noise = paired_difference(seeds, a, b, n_test)
         holds = diff > noise if kind == "above" else abs(diff) <= noise
         claims.append(
             Claim(
                 claim=text,
-                measured=f"{a.accuracy_mean:.1%} vs {b.accuracy_mean:.1%} (difference {diff:+.1%})",
-                threshold=f"2 standard errors of the difference = {noise:.1%}",
+                measured=f"{rows[a].accuracy_mean:.1%} vs {rows[b].accuracy_mean:.1%} (paired difference {diff:+.1%})",
+                threshold=f"2 standard errors of the paired difference = {noise:.1%}",
                 holds=holds,
             )
         )
 
-    acc_claim("Lightning OPD is clearly above SFT", light, sft, "above")
-    acc_claim("Lightning OPD is within noise of online OPD", light, online, "within")
-    acc_claim("the inconsistent teacher is clearly below the consistent one", light, bad, "above")
+    acc_claim("Lightning OPD is clearly above SFT", "lightning_opd", "sft", "above")
+    acc_claim("Lightning OPD is within noise of online OPD", "lightning_opd", "online_opd", "within")
+    acc_claim(
+        "the inconsistent teacher is clearly below the consistent one", "lightning_opd", "lightning_opd_inconsistent",
+        "above",
+    )  # fmt: skip
     if light.train_seconds_mean and online.train_seconds_mean:
         ratio = online.train_seconds_mean / light.train_seconds_mean
         claims.append(
@@ -180,6 +198,24 @@ def check_claims(summary: Sequence[SummaryRow], n_test: int, one_off_seconds: fl
                 )
             )
     return claims
+
+
+def derive(
+    config: PipelineConfig,
+    teachers: list[TeacherInfo],
+    seeds: list[SeedRun],
+    environment: dict[str, str | int | float | None],
+    total_seconds: float,
+) -> PipelineReport:
+    """The report from its measurements: the summary and the claims are always recomputed from the
+    per-seed runs, so a report cannot disagree with its own data."""
+    summary = summarize(seeds)
+    one_off = statistics.fmean((s.rollout_seconds or 0.0) + s.precompute_seconds for s in seeds)
+    return PipelineReport(
+        config=config, teachers=teachers, seeds=seeds, summary=summary,
+        claims=check_claims(seeds, summary, config.test_problems, one_off), environment=environment,
+        total_seconds=total_seconds,
+    )  # fmt: skip
 
 
 def markdown(report: PipelineReport) -> str:

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ from . import lm
 from .config import PipelineConfig
 from .evaluate import evaluate
 from .online_opd import OnlineOPDConfig, train_online_opd
-from .report import MethodRun, PipelineReport, Point, SeedRun, TeacherInfo, check_claims, markdown, plot, summarize
+from .report import MethodRun, PipelineReport, Point, SeedRun, TeacherInfo, derive, markdown, plot
 from .stages import generate_sft_data, sample_rollouts, sft_student, sft_teacher_of, train_teacher
 from .task import Problem, grade, held_out_problems, make_problems
 
@@ -252,12 +251,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
     teacher_a.close()
 
     # 8. Results.
-    summary = summarize(seeds)
-    one_off = statistics.fmean((s.rollout_seconds or 0.0) + s.precompute_seconds for s in seeds)
-    report = PipelineReport(
-        config=cfg, teachers=infos, seeds=seeds, summary=summary, claims=check_claims(summary, len(test), one_off),
-        environment=_environment(), total_seconds=time.perf_counter() - start,
-    )  # fmt: skip
+    report = derive(cfg, infos, seeds, _environment(), time.perf_counter() - start)
     (run_dir / RESULTS_JSON).write_text(report.model_dump_json(indent=2) + "\n")
     (run_dir / RESULTS_MD).write_text(markdown(report))
     plot(report, run_dir / RESULTS_PNG)

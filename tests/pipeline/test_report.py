@@ -38,7 +38,7 @@ def _report(seeds: list[SeedRun], n_test: int = 500) -> PipelineReport:
     return PipelineReport(
         config=PipelineConfig(test_problems=n_test, seeds=[s.seed for s in seeds]),
         teachers=[TeacherInfo(style="A", accuracy=0.99, fingerprint="sha256:a")],
-        seeds=seeds, summary=summary, claims=check_claims(summary, n_test), environment={}, total_seconds=1.0,
+        seeds=seeds, summary=summary, claims=check_claims(seeds, summary, n_test), environment={}, total_seconds=1.0,
     )  # fmt: skip
 
 
@@ -59,8 +59,17 @@ def test_claims_fail_when_differences_are_within_noise_or_reversed():
     }
 
 
+def test_the_comparison_is_paired_so_the_common_sft_quality_cancels():
+    # SFT checkpoints of very different quality, each improved by 8-9 points: unpaired, the
+    # seed-to-seed spread (about 30 points) would hide the gain; paired, it is clear.
+    report = _report([_seed(0, 0.2, 0.28, 0.29, 0.0), _seed(1, 0.5, 0.59, 0.58, 0.0), _seed(2, 0.8, 0.88, 0.87, 0.0)])
+    assert report.claims[0].holds is True and "paired difference +8.3%" in report.claims[0].measured
+    sft = next(r for r in report.summary if r.method == "sft")
+    assert sft.accuracy_std > 0.25
+
+
 def test_seed_spread_widens_the_noise_threshold():
-    # Means differ by 10 points, but the seeds disagree wildly: not "clearly above".
+    # The mean gain is 10 points, but the per-seed gains disagree wildly: not "clearly above".
     report = _report([_seed(0, 0.5, 0.9, 0.9, 0.2), _seed(1, 0.5, 0.3, 0.3, 0.2), _seed(2, 0.5, 0.6, 0.6, 0.2)])
     assert report.claims[0].holds is False
     light = next(r for r in report.summary if r.method == "lightning_opd")
@@ -82,7 +91,8 @@ def test_markdown_and_plot_render_every_method(tmp_path: Path):
 def test_the_end_to_end_claim_counts_the_one_off_cost():
     seeds = [_seed(0, 0.5, 0.8, 0.8, 0.1, light_s=10.0, online_s=40.0)]
     summary = summarize(seeds)
-    cheap, dear = check_claims(summary, 500, one_off_seconds=5.0), check_claims(summary, 500, one_off_seconds=35.0)
+    cheap = check_claims(seeds, summary, 500, one_off_seconds=5.0)
+    dear = check_claims(seeds, summary, 500, one_off_seconds=35.0)
     assert len(cheap) == 5 and cheap[4].holds and "2.7x" in cheap[4].measured
     assert dear[4].holds is False
-    assert len(check_claims(summary, 500)) == 4
+    assert len(check_claims(seeds, summary, 500)) == 4
