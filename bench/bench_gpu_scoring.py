@@ -197,10 +197,16 @@ def bench_throughput(
         if run_precompute(cfg).status != "published":
             raise RuntimeError("the precompute job did not publish")
 
-    def score(chunk_mb: int) -> Any:
+    fused = teacher._fused  # the torch.compile'd normalisation, None where it is unavailable
+
+    def score(chunk_mb: int, use_fused: bool) -> Any:
         def run() -> None:
             teacher.head_chunk_bytes = chunk_mb * 2**20
-            teacher.score(prompts, responses)
+            teacher._fused = fused if use_fused else None
+            try:
+                teacher.score(prompts, responses)
+            finally:
+                teacher._fused = fused
 
         return run
 
@@ -208,7 +214,8 @@ def bench_throughput(
     variants = {
         "bare forward (all logits)": bare,
         "minimal forward": minimal,
-        **{f"teacher.score(), head chunk {mb} MB": score(mb) for mb in args.head_chunk_mb},
+        **{f"score(), eager, head chunk {mb} MB": score(mb, False) for mb in args.head_chunk_mb},
+        **({f"score(), fused, head chunk {mb} MB": score(mb, True) for mb in args.head_chunk_mb} if fused else {}),
         "precompute job": job,
     }
     for fn in variants.values():  # warm-up: kernel selection, allocator growth, page cache

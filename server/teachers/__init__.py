@@ -31,7 +31,16 @@ GENERATING_BACKENDS: tuple[str, ...] = ("vllm", *HTTP_BACKENDS)
 # one backend never breaks another.
 _OPTIONS: dict[str, frozenset[str]] = {
     "transformers": frozenset(
-        {"device", "dtype", "temperature", "max_batch_tokens", "max_batch_size", "head_chunk_bytes", "revision"}
+        {
+            "device",
+            "dtype",
+            "temperature",
+            "max_batch_tokens",
+            "max_batch_size",
+            "head_chunk_bytes",
+            "revision",
+            "fused_head",
+        }
     ),
     "vllm": frozenset(
         {

@@ -7,6 +7,10 @@ hidden states that predict response tokens are gathered, and the head is applied
 row chunks bounded by `head_chunk_bytes`, each reduced at once to `target - logsumexp`. Prompt
 positions never reach the head.
 
+On CUDA the per-chunk normalisation (upcast, post-processing, logsumexp) is one `torch.compile`d
+reduction over the low-precision logits instead of five float32 passes; on CPU the in-place eager
+form is used (bench/bench_gpu_scoring.py, bench/bench_precompute.py).
+
 Re-implementing the head's post-processing (scaling, softcapping) is only safe if it matches the
 model's own forward, so every load runs a self-check against `model(input_ids).logits` and
 refuses architectures whose head does something this path does not.
@@ -14,6 +18,7 @@ refuses architectures whose head does something this path does not.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +30,8 @@ from lopd.errors import InvalidInput
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lopd.server.batching import plan_batches
 from lopd.server.teachers.base import CONTEXT_KEYS, TeacherInfo, check_token_ids, snapshot_revision
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Max |head path - full forward| in log-prob units accepted by the load-time self-check. Half
@@ -49,6 +56,7 @@ class TransformersTeacher:
         max_batch_size: int = 256,
         head_chunk_bytes: int = 256 * 2**20,
         revision: str | None = None,
+        fused_head: bool | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,6 +110,19 @@ class TransformersTeacher:
             device=str(self.device),
             temperature=self.temperature,
         )
+        # On CUDA the normalisation of each head chunk is memory-bound: five passes over float32 logits
+        # (bench/bench_gpu_scoring.py). torch.compile fuses upcast, scaling and logsumexp into one pass
+        # over the low-precision logits. The self-check below compares it with the model's own forward;
+        # if it cannot compile or does not match, the eager path is used.
+        self._fused = None
+        if fused_head if fused_head is not None else self.device.type == "cuda":
+            self._fused = torch.compile(_target_minus_logsumexp, dynamic=True)
+            try:
+                self._self_check()
+                return
+            except Exception as e:  # no compiler toolchain, an unsupported GPU, or a mismatch
+                log.warning("fused LM-head normalisation unavailable (%s); using the eager path", str(e)[:200])
+                self._fused = None
         self._self_check()
 
     # ------------------------------------------------------------------ scoring
@@ -165,16 +186,16 @@ class TransformersTeacher:
         result = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             end = min(start + chunk, hidden.shape[0])
-            logits = self._head(hidden[start:end]).float()
-            # The same post-processing, in the same order, as the models that define these keys.
-            if self._logit_scale is not None:
-                logits = logits * self._logit_scale
-            if self._logits_scaling is not None:
-                logits = logits / self._logits_scaling
-            if self._softcap is not None:
-                logits = torch.tanh(logits / self._softcap) * self._softcap
-            if self.temperature != 1.0:
-                logits = logits / self.temperature
+            if self._fused is not None:
+                result[start:end] = self._fused(
+                    self._head(hidden[start:end]), targets[start:end], self._logit_scale, self._logits_scaling,
+                    self._softcap, self.temperature,
+                )  # fmt: skip
+                continue
+            logits = _postprocess(
+                self._head(hidden[start:end]).float(), self._logit_scale, self._logits_scaling, self._softcap,
+                self.temperature,
+            )  # fmt: skip
             target = logits.gather(1, targets[start:end, None]).squeeze(1)
             # logsumexp in place: `torch.logsumexp` allocates a temporary as large as the chunk (doubling
             # the peak) and is ~2.7x slower on CPU (bench/bench_precompute.py). Safe: no autograd here,
@@ -215,3 +236,32 @@ class TransformersTeacher:
         self.model = self._head = self._body = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _postprocess(
+    x: torch.Tensor, logit_scale: float | None, logits_scaling: float | None, softcap: float | None, temperature: float
+) -> torch.Tensor:
+    """The head's post-processing, in the same order as the models that define these config keys, then 1/T."""
+    if logit_scale is not None:
+        x = x * logit_scale
+    if logits_scaling is not None:
+        x = x / logits_scaling
+    if softcap is not None:
+        x = torch.tanh(x / softcap) * softcap
+    if temperature != 1.0:
+        x = x / temperature
+    return x
+
+
+def _target_minus_logsumexp(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    logit_scale: float | None,
+    logits_scaling: float | None,
+    softcap: float | None,
+    temperature: float,
+) -> torch.Tensor:
+    """`log_softmax(post(logits) / T)[target]` per row in float32, written for torch.compile to fuse the
+    upcast, the post-processing and the logsumexp into one reduction over the low-precision logits."""
+    x = _postprocess(logits.float(), logit_scale, logits_scaling, softcap, temperature)
+    return x.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1)

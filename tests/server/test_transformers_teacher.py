@@ -230,3 +230,31 @@ def test_cuda_matches_cpu_naive(tiny_llama_dir: Path, llama_teacher: Transformer
         ref = naive_logprobs(llama_teacher.model, p, r)
         np.testing.assert_allclose(g, ref, atol=atol, rtol=0)
     assert torch.cuda.is_available()
+
+
+@pytest.mark.slow
+def test_fused_head_matches_naive(tiny_llama_dir: Path, llama_teacher: TransformersTeacher) -> None:
+    # The torch.compile'd normalisation (the CUDA default) on CPU, with small head chunks so several are fused.
+    teacher = TransformersTeacher(tiny_llama_dir, fused_head=True, head_chunk_bytes=8 * 128 * 4, temperature=0.7)
+    assert teacher._fused is not None, "torch.compile is unavailable here; the fused path was not exercised"
+    prompts, responses = _records(MIXED, seed=8)
+    got = teacher.score(prompts, responses)
+    for p, r, g in zip(prompts, responses, got):
+        np.testing.assert_allclose(g, naive_logprobs(llama_teacher.model, p, r, temperature=0.7), atol=ATOL, rtol=0)
+
+
+def test_fused_head_falls_back_to_eager_when_it_cannot_compile(
+    tiny_llama_dir: Path, llama_teacher: TransformersTeacher, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    teacher = TransformersTeacher(tiny_llama_dir, fused_head=True)
+    assert teacher._fused is None and "fused LM-head normalisation unavailable" in caplog.text
+    prompts, responses = _records([(4, 9), (7, 3)], seed=9)
+    for p, r, g in zip(prompts, responses, teacher.score(prompts, responses)):
+        np.testing.assert_allclose(g, naive_logprobs(llama_teacher.model, p, r), atol=ATOL, rtol=0)
