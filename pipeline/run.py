@@ -20,7 +20,6 @@ on (SFT sample, student init, rollouts, training order, evaluation samples).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import shutil
@@ -172,7 +171,10 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
         t0 = time.perf_counter()
         pre = run_precompute(PrecomputeConfig(teacher=teachers["A"], dataset=name_a, **common))  # type: ignore[arg-type]
         precompute_seconds = time.perf_counter() - t0
-        assert pre.manifest is not None
+        if pre.manifest is None:
+            raise RuntimeError(f"precompute of {name_a} ended as {pre.status}, not published")
+        # Every prompt and response token went through the teacher's forward pass once.
+        scored_tokens = pre.manifest.num_prompt_tokens + pre.manifest.num_response_tokens
         try:
             run_precompute(PrecomputeConfig(teacher=teachers["B"], dataset=name_b, **common))  # type: ignore[arg-type]
             raise RuntimeError("the consistency gate let teacher B score a student fine-tuned on A's data")
@@ -244,7 +246,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
         seeds.append(
             SeedRun(
                 seed=seed, sft=sft_point, rollout_seconds=rollout_seconds, precompute_seconds=precompute_seconds,
-                precompute_teacher_tokens=sum(len(r) for r in _read_lengths(rollouts)), rollouts=len(rollout_problems),
+                precompute_teacher_tokens=scored_tokens, rollouts=len(rollout_problems),
                 refused=refused, runs=runs,
             )
         )  # fmt: skip
@@ -263,9 +265,3 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
 def _last(curve: list[Point]) -> str:
     p = curve[-1]
     return f"step {p.step}: accuracy {p.accuracy:.1%}, reverse KL {p.reverse_kl:.3f}"
-
-
-def _read_lengths(rollouts: Path) -> list[list[int]]:
-    """Prompt + response ids of each rollout: what the one-off precompute's teacher forward scored."""
-    with rollouts.open() as f:
-        return [rec["prompt_ids"] + rec["response_ids"] for rec in map(json.loads, f)]
