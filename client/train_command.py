@@ -62,7 +62,7 @@ def train(
     ratio_reference: Annotated[
         RatioReference,
         typer.Option(help="PPO ratio against the current policy (plain policy gradient) or the rollout policy."),
-    ] = RatioReference.current,
+    ] = RatioReference.rollout,
     normalize: Annotated[Normalization, typer.Option(help="Loss mean over tokens or over sequences.")] = (
         Normalization.token
     ),

@@ -67,9 +67,10 @@ class TrainConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     tis_cap: float | None = None
-    # The PPO ratio's reference: "current" (the policy before this step: ratio 1, plain policy gradient)
-    # or "rollout" (the stored rollout log-probs: a trust region around the policy that sampled the data).
-    ratio_reference: str = "current"
+    # The PPO ratio's reference: "rollout" (the stored rollout log-probs: a trust region around the policy
+    # that sampled the data, which many passes over the same rollouts need; rows without rollout log-probs
+    # get ratio 1) or "current" (the policy before this step: ratio 1, the plain policy gradient).
+    ratio_reference: str = "rollout"
     normalize: str = "token"
     tensorboard: bool = False
     wandb: bool = False

@@ -163,7 +163,10 @@ def test_ratio_reference_rollout_weighs_by_the_rollout_policy(served, tiny_qwen2
     # With the current policy as reference the ratio is exactly 1, so the loss is minus the mean
     # advantage. The store's rollout log-probs come from another model than this student, so with
     # the rollout policy as reference the ratio exp(student - rollout) is far from 1 and the loss differs.
-    current = _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "current", steps=1, grad_accum=1))
+    current = _run(
+        served, _cfg(served, tiny_qwen2_dir, tmp_path / "current", steps=1, grad_accum=1, ratio_reference="current")
+    )
+    assert TrainConfig(url="u", dataset="d", student=tmp_path, out=tmp_path).ratio_reference == "rollout"
     rollout = _run(
         served, _cfg(served, tiny_qwen2_dir, tmp_path / "rollout", steps=1, grad_accum=1, ratio_reference="rollout")
     )
