@@ -37,7 +37,7 @@ from lopd.storage.schema import FORMAT_VERSION, build_table
 from lopd.storage.staging import RunPlan, Staging, plan_parts
 
 from .rollouts import RolloutScan, expand_rollout_paths, load_rollouts, scan_rollouts
-from .teachers import GENERATING_BACKENDS, HTTP_BACKENDS, resolve_backend_options
+from .teachers import GENERATING_BACKENDS, HTTP_BACKENDS, BackendOptions
 from .teachers.base import config_context_length
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,13 @@ class PrecomputeConfig:
     # The vllm backend's engine settings (None: its defaults).
     gpu_memory_utilization: float | None = None
     tensor_parallel_size: int | None = None
+
+    def backend_options(self) -> BackendOptions:
+        return BackendOptions(
+            backend=self.backend, device=self.device, dtype=self.dtype, teacher_url=self.teacher_url,
+            max_concurrency=self.max_concurrency, served_model_name=self.served_model_name,
+            gpu_memory_utilization=self.gpu_memory_utilization, tensor_parallel_size=self.tensor_parallel_size,
+        )  # fmt: skip
 
 
 @dataclass
@@ -205,22 +212,11 @@ def _score_parts(
     my_samples: int,
     tokenizer: Any,
 ) -> None:
-    from .teachers import load_teacher
+    options = cfg.backend_options()
 
     def load(model_dir: Path, temperature: float) -> Any:
-        return load_teacher(
-            cfg.backend,
-            model_dir,
-            device=cfg.device,
-            dtype=cfg.dtype,
-            temperature=temperature,
-            max_batch_tokens=cfg.max_batch_tokens,
-            max_batch_size=cfg.max_batch_size,
-            url=cfg.teacher_url,
-            max_concurrency=cfg.max_concurrency,
-            model=cfg.served_model_name,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            tensor_parallel_size=cfg.tensor_parallel_size,
+        return options.load(
+            model_dir, temperature=temperature, max_batch_tokens=cfg.max_batch_tokens, max_batch_size=cfg.max_batch_size
         )
 
     teacher = load(cfg.teacher, cfg.temperature)
@@ -272,16 +268,7 @@ def _score_parts(
 def _validate_config(cfg: PrecomputeConfig) -> PrecomputeConfig:
     """Refuse bad settings; return the config with the backend's own device and dtype filled in."""
     layout.validate_name(cfg.dataset)
-    device, dtype = resolve_backend_options(
-        cfg.backend,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        teacher_url=cfg.teacher_url,
-        max_concurrency=cfg.max_concurrency,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        served_model_name=cfg.served_model_name,
-    )
+    options = cfg.backend_options().resolved()
     if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
         raise InvalidInput(f"--shard-index must be in 0..{cfg.num_shards - 1} (got {cfg.shard_index})")
     if cfg.temperature <= 0 or cfg.rollout_temperature <= 0:
@@ -291,7 +278,7 @@ def _validate_config(cfg: PrecomputeConfig) -> PrecomputeConfig:
     for label, path in (("teacher", cfg.teacher), ("rollout policy", cfg.rollout_policy)):
         if path is not None and not Path(path).is_dir():
             raise InvalidInput(f"{label} {path} is not a model directory")
-    return dataclasses.replace(cfg, device=device, dtype=dtype)
+    return dataclasses.replace(cfg, device=options.device, dtype=options.dtype)
 
 
 def _load_tokenizer(model_dir: Path) -> Any:

@@ -67,31 +67,24 @@ def verify_dataset(
     `device` and `dtype` default to the backend's own; `teacher_url` (and `max_concurrency`,
     `served_model_name`) are for the server-backed backends, the last two options for vllm.
     """
-    from .teachers import load_teacher, resolve_backend_options
+    from .teachers import BackendOptions
 
-    device, dtype = resolve_backend_options(
-        backend, device=device, dtype=dtype, teacher_url=teacher_url, max_concurrency=max_concurrency,
-        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+    options = BackendOptions(
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        teacher_url=teacher_url,
+        max_concurrency=max_concurrency,
         served_model_name=served_model_name,
-    )  # fmt: skip
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size,
+    ).resolved()
     ds = Store(store_dir).open(dataset, version)
     n = len(ds)
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(n, size=min(samples, n), replace=False))
     table = ds.take(picked, columns=["sample_id", "prompt_ids", "response_ids", "teacher_logprobs"])
-    scorer = load_teacher(
-        backend,
-        teacher,
-        device=device,
-        dtype=dtype,
-        temperature=ds.manifest.provenance.temperature,
-        max_batch_tokens=max_batch_tokens,
-        url=teacher_url,
-        max_concurrency=max_concurrency,
-        model=served_model_name,
-        gpu_memory_utilization=gpu_memory_utilization,
-        tensor_parallel_size=tensor_parallel_size,
-    )
+    scorer = options.load(teacher, temperature=ds.manifest.provenance.temperature, max_batch_tokens=max_batch_tokens)
     try:
         prompts = [np.asarray(p, dtype=np.int64) for p in table["prompt_ids"].to_pylist()]
         responses = [np.asarray(r, dtype=np.int64) for r in table["response_ids"].to_pylist()]

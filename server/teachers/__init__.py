@@ -13,6 +13,8 @@ tokenizer and context length from it, so the consistency gate is the same for al
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,7 @@ __all__ = [
     "BACKENDS",
     "GENERATING_BACKENDS",
     "HTTP_BACKENDS",
+    "BackendOptions",
     "Teacher",
     "TeacherInfo",
     "load_teacher",
@@ -112,6 +115,38 @@ def resolve_backend_options(
     if max_concurrency is not None and max_concurrency < 1:
         raise InvalidInput(f"--max-concurrency must be at least 1, got {max_concurrency}")
     return (device or _DEFAULT_DEVICE.get(backend)), (dtype or _DEFAULT_DTYPE[backend])
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How to reach a teacher: the backend and its user-facing options, named as the CLI flags.
+
+    One value carries them from the CLI to the jobs (precompute, verify), so each option is checked
+    (`resolved`) and passed to the backend (`load`) in exactly one place.
+    """
+
+    backend: str = "transformers"
+    device: str | None = None
+    dtype: str | None = None
+    teacher_url: str | None = None
+    max_concurrency: int | None = None
+    served_model_name: str | None = None
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int | None = None
+
+    def resolved(self) -> BackendOptions:
+        """Checked (`resolve_backend_options`), with the backend's own device and dtype filled in."""
+        options = dataclasses.asdict(self)
+        device, dtype = resolve_backend_options(options.pop("backend"), **options)
+        return dataclasses.replace(self, device=device, dtype=dtype)
+
+    def load(self, model_dir: str | Path, **kw: Any) -> Teacher:
+        """`load_teacher` with these options; `kw` adds per-load settings (temperature, batch budgets)."""
+        return load_teacher(
+            self.backend, model_dir, device=self.device, dtype=self.dtype, url=self.teacher_url,
+            max_concurrency=self.max_concurrency, model=self.served_model_name,
+            gpu_memory_utilization=self.gpu_memory_utilization, tensor_parallel_size=self.tensor_parallel_size, **kw,
+        )  # fmt: skip
 
 
 def load_teacher(backend: str, model_dir: str | Path, **kw: Any) -> Teacher:
