@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from .config import PipelineConfig
+
 app = typer.Typer(help="The paper's pipeline, one stage at a time (see `lopd demo` for all of them).")
 
 Digits = Annotated[int, typer.Option(help="Operand digits of the addition problems.")]
@@ -21,7 +23,9 @@ Seed = Annotated[int, typer.Option(help="Random seed.")]
 MaxNew = Annotated[int, typer.Option(help="Longest response, in tokens.")]
 
 
-HELD_OUT = 500  # PipelineConfig.test_problems: the evaluation set every training-side stage excludes
+# Defaults come from the pipeline's own config, so a stage run alone behaves as in `lopd demo`.
+_D = PipelineConfig()
+HELD_OUT = _D.test_problems  # the evaluation set every training-side stage excludes
 
 
 def _problems(n: int, digits: int, seed: int) -> list:
@@ -35,11 +39,11 @@ def _problems(n: int, digits: int, seed: int) -> list:
 def train_teacher_cmd(
     out: Annotated[Path, typer.Argument(help="Directory for the teacher (Hugging Face format).")],
     style: Annotated[str, typer.Option(help="Solution style: A or B.")] = "A",
-    problems: Annotated[int, typer.Option(help="Training problems.")] = 4000,
-    hidden: Annotated[int, typer.Option(help="Hidden size.")] = 128,
-    layers: Annotated[int, typer.Option(help="Layers.")] = 3,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 800,
-    digits: Digits = 3,
+    problems: Annotated[int, typer.Option(help="Training problems.")] = _D.train_problems,
+    hidden: Annotated[int, typer.Option(help="Hidden size.")] = _D.teacher.hidden,
+    layers: Annotated[int, typer.Option(help="Layers.")] = _D.teacher.layers,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = _D.teacher_steps,
+    digits: Digits = _D.digits,
     seed: Seed = 1,
 ) -> None:
     """Train a teacher on worked solutions in one style."""
@@ -51,7 +55,7 @@ def train_teacher_cmd(
         raise typer.BadParameter(f"--style must be A or B, got {style!r}")
     train_teacher(
         out, style, _problems(problems, digits, 1), ModelSize(hidden=hidden, layers=layers),  # type: ignore[arg-type]
-        lm.FitConfig(steps=steps, seed=seed),
+        lm.FitConfig(steps=steps, batch_size=_D.fit_batch_size, lr=_D.fit_lr, seed=seed),
     )  # fmt: skip
     typer.echo(f"teacher {style} in {out}")
 
@@ -60,10 +64,10 @@ def train_teacher_cmd(
 def sft_data_cmd(
     teacher: Annotated[Path, typer.Argument(help="The teacher that writes the SFT data.")],
     out: Annotated[Path, typer.Argument(help="JSONL to write (prompt_ids, response_ids); provenance beside it.")],
-    problems: Annotated[int, typer.Option(help="Problems to solve.")] = 3000,
-    digits: Digits = 3,
+    problems: Annotated[int, typer.Option(help="Problems to solve.")] = _D.sft_examples,
+    digits: Digits = _D.digits,
     seed: Seed = 0,
-    max_new_tokens: MaxNew = 48,
+    max_new_tokens: MaxNew = _D.max_new_tokens,
 ) -> None:
     """Sample SFT data from a teacher and record which teacher it was."""
     from .stages import generate_sft_data
@@ -76,9 +80,9 @@ def sft_data_cmd(
 def sft_cmd(
     sft_data: Annotated[Path, typer.Argument(help="SFT data JSONL (from `sft-data`, or your own).")],
     out: Annotated[Path, typer.Argument(help="Directory for the student checkpoint.")],
-    hidden: Annotated[int, typer.Option(help="Hidden size.")] = 64,
-    layers: Annotated[int, typer.Option(help="Layers.")] = 2,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,
+    hidden: Annotated[int, typer.Option(help="Hidden size.")] = _D.student.hidden,
+    layers: Annotated[int, typer.Option(help="Layers.")] = _D.student.layers,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = _D.sft_steps,
     seed: Seed = 100,
 ) -> None:
     """Fine-tune a fresh student on SFT data (its provenance is copied into the checkpoint)."""
@@ -86,7 +90,8 @@ def sft_cmd(
     from .config import ModelSize
     from .stages import sft_student
 
-    sft_student(sft_data, out, ModelSize(hidden=hidden, layers=layers), lm.FitConfig(steps=steps, seed=seed))
+    fit = lm.FitConfig(steps=steps, batch_size=_D.fit_batch_size, lr=_D.fit_lr, seed=seed)
+    sft_student(sft_data, out, ModelSize(hidden=hidden, layers=layers), fit)
     typer.echo(f"SFT student in {out}")
 
 
@@ -94,10 +99,10 @@ def sft_cmd(
 def rollouts_cmd(
     policy: Annotated[Path, typer.Argument(help="The policy to sample (the SFT student).")],
     out: Annotated[Path, typer.Argument(help="JSONL for `lopd precompute` (ids as sampled + rollout_logprobs).")],
-    problems: Annotated[int, typer.Option(help="Prompts to sample.")] = 4096,
-    digits: Digits = 3,
+    problems: Annotated[int, typer.Option(help="Prompts to sample.")] = _D.rollouts,
+    digits: Digits = _D.digits,
     seed: Seed = 0,
-    max_new_tokens: MaxNew = 48,
+    max_new_tokens: MaxNew = _D.max_new_tokens,
 ) -> None:
     """Sample one rollout per prompt from a policy, with its log-probs."""
     from .stages import sample_rollouts
@@ -111,13 +116,13 @@ def online_opd_cmd(
     student: Annotated[Path, typer.Argument(help="The SFT student to start from.")],
     teacher: Annotated[Path, typer.Argument(help="The live teacher.")],
     out: Annotated[Path, typer.Argument(help="Directory for the trained student.")],
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
-    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 128,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-5,
-    problems: Annotated[int, typer.Option(help="Prompt pool.")] = 4096,
-    digits: Digits = 3,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = _D.opd_steps,
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = _D.opd_batch_size,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = _D.opd_lr,
+    problems: Annotated[int, typer.Option(help="Prompt pool.")] = _D.rollouts,
+    digits: Digits = _D.digits,
     seed: Seed = 0,
-    max_new_tokens: MaxNew = 48,
+    max_new_tokens: MaxNew = _D.max_new_tokens,
 ) -> None:
     """Standard online OPD: sample from the student and score with the live teacher at every step."""
     from lopd.server.teachers.transformers_backend import TransformersTeacher
@@ -137,10 +142,10 @@ def evaluate_cmd(
     student: Annotated[Path, typer.Argument(help="The model to evaluate.")],
     teacher: Annotated[Path, typer.Argument(help="The teacher the reverse KL is measured against.")],
     problems: Annotated[int, typer.Option(help="Held-out problems.")] = HELD_OUT,
-    kl_samples: Annotated[int, typer.Option(help="Problems sampled for the reverse KL.")] = 300,
-    digits: Digits = 3,
+    kl_samples: Annotated[int, typer.Option(help="Problems sampled for the reverse KL.")] = _D.kl_samples,
+    digits: Digits = _D.digits,
     seed: Seed = 0,
-    max_new_tokens: MaxNew = 48,
+    max_new_tokens: MaxNew = _D.max_new_tokens,
 ) -> None:
     """Held-out greedy accuracy and reverse KL to the teacher on the model's own samples (JSON)."""
     from lopd.server.teachers.transformers_backend import TransformersTeacher
