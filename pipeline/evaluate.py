@@ -28,6 +28,17 @@ class Evaluation:
         return asdict(self)
 
 
+def exact_match(tok: Any, responses: Sequence[Sequence[int]], problems: Sequence[Problem]) -> float:
+    """Share of responses whose final answer is right."""
+    return float(np.mean([grade(lm.decode_response(tok, r), p) for r, p in zip(responses, problems)]))
+
+
+def greedy_accuracy(model: Any, tok: Any, problems: Sequence[Problem], *, max_new_tokens: int) -> float:
+    prompts = [lm.encode_prompt(tok, p.prompt) for p in problems]
+    responses, _ = lm.sample(model, tok, prompts, greedy=True, max_new_tokens=max_new_tokens)
+    return exact_match(tok, responses, problems)
+
+
 def evaluate(
     model: Any,
     tok: Any,
@@ -39,14 +50,10 @@ def evaluate(
     max_new_tokens: int,
 ) -> Evaluation:
     """Evaluate `model` on `problems`; `teacher` is a `Teacher` (token ids in, log-probs out)."""
-    prompts = [lm.encode_prompt(tok, p.prompt) for p in problems]
-    greedy, _ = lm.sample(model, tok, prompts, greedy=True, max_new_tokens=max_new_tokens)
-    accuracy = float(np.mean([grade(lm.decode_response(tok, r), p) for r, p in zip(greedy, problems)]))
-    kl_prompts = prompts[:kl_samples]
+    accuracy = greedy_accuracy(model, tok, problems, max_new_tokens=max_new_tokens)
+    kl_prompts = [lm.encode_prompt(tok, p.prompt) for p in problems[:kl_samples]]
     sampled, student_lp = lm.sample(model, tok, kl_prompts, max_new_tokens=max_new_tokens, seed=seed)
     teacher_lp = teacher.score(kl_prompts, sampled)
     gap = np.concatenate([s.astype(np.float64) - t for s, t in zip(student_lp, teacher_lp)])
-    sampled_accuracy = float(
-        np.mean([grade(lm.decode_response(tok, r), p) for r, p in zip(sampled, problems[:kl_samples])])
-    )
+    sampled_accuracy = exact_match(tok, sampled, problems[:kl_samples])
     return Evaluation(accuracy=accuracy, reverse_kl=float(gap.mean()), sampled_accuracy=sampled_accuracy)

@@ -1,4 +1,4 @@
-"""The language-model plumbing the pipeline needs: encode, fine-tune, sample, score.
+"""The language-model plumbing the pipeline needs: encode, fine-tune, sample.
 
 Small and explicit on purpose: batched sampling that returns the token ids exactly as sampled
 with their log-probs under the sampling policy (what a rollout store needs), and a supervised
@@ -186,17 +186,3 @@ def sample(
         bar.update(len(chunk))
     bar.close()
     return out_ids, out_lp
-
-
-@torch.no_grad()
-def score(model: Any, examples: Sequence[Example], pad_id: int, batch_size: int = 256) -> list[np.ndarray]:
-    """log p_model(response_j | prompt, response_<j) per response token (float32), in input order."""
-    out: list[np.ndarray] = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        ids, mask, labels = _pad(batch, pad_id)
-        lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
-        got = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        for i, (p, r) in enumerate(batch):
-            out.append(got[i, len(p) - 1 : len(p) + len(r) - 1].numpy().astype(np.float32))
-    return out

@@ -36,11 +36,11 @@ from lopd.fingerprint import model_fingerprint
 
 from . import lm
 from .config import PipelineConfig
-from .evaluate import evaluate
+from .evaluate import evaluate, greedy_accuracy
 from .online_opd import OnlineOPDConfig, train_online_opd
 from .report import MethodRun, PipelineReport, Point, SeedRun, TeacherInfo, derive, markdown, plot
 from .stages import generate_sft_data, sample_rollouts, sft_student, sft_teacher_of, train_teacher
-from .task import Problem, grade, held_out_problems, make_problems
+from .task import Problem, held_out_problems, make_problems
 
 RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "results.md", "results.png"
 
@@ -69,13 +69,6 @@ def _environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-
-
-def _greedy_accuracy(model_dir: Path, problems: list[Problem], max_new_tokens: int) -> float:
-    model, tok = lm.load(model_dir)
-    prompts = [lm.encode_prompt(tok, p.prompt) for p in problems]
-    responses, _ = lm.sample(model, tok, prompts, greedy=True, max_new_tokens=max_new_tokens)
-    return sum(grade(lm.decode_response(tok, r), p) for r, p in zip(responses, problems)) / len(problems)
 
 
 class _Evaluator:
@@ -122,7 +115,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
         path = run_dir / f"teacher-{style}"
         echo(f"[2/8] training teacher {style} ({cfg.teacher.hidden}x{cfg.teacher.layers}, {cfg.teacher_steps} steps)")
         teachers[style] = train_teacher(path, style, train, cfg.teacher, dataclasses.replace(fit, seed=seed))
-        acc = _greedy_accuracy(path, test, cfg.max_new_tokens)
+        acc = greedy_accuracy(*lm.load(path), test, max_new_tokens=cfg.max_new_tokens)
         infos.append(TeacherInfo(style=style, accuracy=acc, fingerprint=model_fingerprint(path)))
         echo(f"      teacher {style}: {acc:.1%} held-out accuracy")
     teacher_a = TransformersTeacher(teachers["A"])  # the live teacher of online OPD, and the KL reference
