@@ -93,7 +93,7 @@ def _worker(argv: list[str]) -> None:
 
 
 def bench_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from lopd.server.tiny_models import build_tiny_model
+    from lopd.testing import build_tiny_model
 
     model_dir = build_tiny_model(
         work / "teacher-mem",

@@ -72,7 +72,7 @@ def _column_bytes(path: Path) -> dict[str, int]:
 def _tiny_model_logprobs(work: Path, plen: np.ndarray, rlen: np.ndarray, seed: int) -> list[np.ndarray]:
     """Log-probs of a real (tiny, randomly initialised) model scoring English-like text, a token a character."""
     from lopd.server.teachers.transformers_backend import TransformersTeacher
-    from lopd.server.tiny_models import build_tiny_model
+    from lopd.testing import build_tiny_model
 
     teacher = TransformersTeacher(build_tiny_model(work / "teacher-small", "llama", seed=1, max_positions=2048))
     texts = TextModel(np.random.default_rng(seed + 1))

@@ -47,7 +47,7 @@ QUICK = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512, vocab=
 
 
 def _build_model(work: Path, shape: dict[str, int]) -> Path:
-    from lopd.server.tiny_models import build_tiny_model
+    from lopd.testing import build_tiny_model
 
     return build_tiny_model(
         work / "teacher",

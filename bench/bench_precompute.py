@@ -160,7 +160,7 @@ def _pipeline_ceiling(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     On this CPU the real teacher's compute hides the job's own costs; a GPU teacher scores
     hundreds of times faster, so what the job does around the model must keep up on its own.
     """
-    from lopd.server.tiny_models import build_tiny_model
+    from lopd.testing import build_tiny_model
 
     model_dir = build_tiny_model(work / "teacher-trivial", "llama", seed=0, hidden=32, layers=1, max_positions=2048)
     rng = np.random.default_rng(args.seed + 1)
@@ -193,7 +193,7 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
     from lopd.server.teachers.transformers_backend import TransformersTeacher
-    from lopd.server.tiny_models import build_tiny_model
+    from lopd.testing import build_tiny_model
 
     model_dir = build_tiny_model(
         work / "teacher",

@@ -14,7 +14,7 @@ from typing import Any
 _EXPORTS = {
     "StoreClient": "http",
     "DatasetInfo": "types",
-    "Sample": "types",
+    "SampleArrays": "types",
     "ServerError": "errors",
     "RetryBudgetExhausted": "errors",
     "ResumeMismatch": "errors",
@@ -25,7 +25,7 @@ _EXPORTS = {
     "token_logprobs": "collate",
     "lightning_opd_loss": "loss",
     "check_dataset_for_training": "consistency",
-    "TrainConfig": "trainer",
+    "TrainConfig": "config",
     "train_student": "trainer",
 }
 

@@ -19,20 +19,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
+from lopd.arrow import list_column
+from lopd.http_contract import PROMPT_IDS, RESPONSE_IDS, ROLLOUT_LOGPROBS, SAMPLE_ID, TEACHER_LOGPROBS
+
 from .errors import ProtocolError
-
-
-def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lengths, flat values, present) of a list column; null rows have length 0 and present False."""
-    col = table.column(name)
-    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = arr.flatten().to_numpy(zero_copy_only=False)  # honours slicing and skips null rows
-    present = np.logical_not(arr.is_null().to_numpy(zero_copy_only=False))
-    return lengths, values, present
 
 
 def _scatter_rows(out: np.ndarray, lengths: np.ndarray, values: np.ndarray, first_col: np.ndarray) -> None:
@@ -62,10 +54,12 @@ def collate_batch(
     b = table.num_rows
     if b == 0:
         raise ValueError("cannot collate an empty batch")
-    p_len, p_val, _ = _list_column(table, "prompt_ids")
-    r_len, r_val, _ = _list_column(table, "response_ids")
-    t_len, t_val, _ = _list_column(table, "teacher_logprobs")
-    o_len, o_val, has_rollout = _list_column(table, "rollout_logprobs")
+    prompts, responses = list_column(table[PROMPT_IDS]), list_column(table[RESPONSE_IDS])
+    teachers, rollouts = list_column(table[TEACHER_LOGPROBS]), list_column(table[ROLLOUT_LOGPROBS])
+    p_len, p_val = prompts.lengths, prompts.flat()
+    r_len, r_val = responses.lengths, responses.flat()
+    t_len, t_val = teachers.lengths, teachers.flat()
+    o_len, o_val, has_rollout = rollouts.lengths, rollouts.flat(), rollouts.valid
     if not np.array_equal(t_len, r_len):
         row = int(np.nonzero(t_len != r_len)[0][0])
         raise ProtocolError(f"row {row}: {t_len[row]} teacher log-probs for {r_len[row]} response tokens")
@@ -97,7 +91,7 @@ def collate_batch(
         "has_rollout_logprobs": torch.from_numpy(has_rollout.astype(bool)),
         "prompt_lengths": torch.from_numpy(p_len),
         "response_lengths": torch.from_numpy(r_len),
-        "sample_id": table.column("sample_id").to_pylist(),
+        "sample_id": table.column(SAMPLE_ID).to_pylist(),
     }
     if indices is not None:
         batch["index"] = torch.as_tensor(np.asarray(indices, dtype=np.int64))

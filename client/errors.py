@@ -1,12 +1,13 @@
 """Errors of the training client, mapped from the server's one error JSON shape.
 
 Each class also derives from the matching `lopd.errors` class, so code (and the CLI) that catches
-`NotFound`, `InvalidInput` or `LopdError` handles remote failures the same way as local ones.
+`NotFound`, `InvalidInput`, `Unauthorized` or `LopdError` handles remote failures the same way as
+local ones. A request abandoned by its caller raises `lopd.errors.Cancelled`.
 """
 
 from __future__ import annotations
 
-from lopd.errors import InvalidInput, LopdError, NotFound
+from lopd.errors import InvalidInput, LopdError, NotFound, Unauthorized
 
 
 class ServerError(LopdError):
@@ -38,7 +39,7 @@ class RemoteInvalidInput(ServerError, InvalidInput):
     """400/405/413/422: the request itself is wrong; retrying cannot help."""
 
 
-class Unauthorized(ServerError):
+class RemoteUnauthorized(ServerError, Unauthorized):
     """401/403: the token is missing or not accepted (pass `token=` / `--token`)."""
 
 
@@ -47,7 +48,7 @@ class ProtocolError(ServerError):
 
 
 class RetryBudgetExhausted(ServerError):
-    """Transient failures (connection errors, 429, 5xx) outlasted every retry.
+    """Transient failures (connection errors, 408, 429, 5xx) outlasted every retry (`lopd.retry`).
 
     Carries the last failure: `status` (None for a connection error) and `message`.
     """
@@ -65,8 +66,21 @@ class RetryBudgetExhausted(ServerError):
         self.message = message
 
 
-class Cancelled(LopdError):
-    """A request was abandoned because its caller stopped waiting (e.g. a loader was closed)."""
+_ERROR_CLASSES: dict[int, type[ServerError]] = {
+    400: RemoteInvalidInput,
+    401: RemoteUnauthorized,
+    403: RemoteUnauthorized,
+    404: RemoteNotFound,
+    405: RemoteInvalidInput,
+    409: RemoteInvalidInput,
+    413: RemoteInvalidInput,
+    422: RemoteInvalidInput,
+}
+
+
+def error_for_status(status: int, message: str, *, error_type: str | None = None, url: str = "") -> ServerError:
+    """The error to raise for an error answer that retrying cannot fix (`ServerError` for unlisted statuses)."""
+    return _ERROR_CLASSES.get(status, ServerError)(message, status=status, error_type=error_type, url=url)
 
 
 class ResumeMismatch(InvalidInput, ValueError):

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 from lopd.errors import Conflict, InvalidInput, NotFound
 
 from .collate import token_logprobs
+from .config import TrainConfig
 from .consistency import check_dataset_for_training
 from .http import StoreClient
 from .loader import OPDLoader
@@ -37,65 +38,6 @@ METRIC_COLUMNS = (
     "step", "loss", "mean_advantage", "reverse_kl", "clip_frac", "data_wait_s", "step_time_s", "tokens",
     "mean_importance_weight", "lr", "epoch",
 )  # fmt: skip
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; saved in every checkpoint."""
-
-    url: str
-    dataset: str
-    student: Path
-    out: Path
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    device: str = "cpu"
-    seed: int = 0
-    version: int | None = None
-    sft_teacher: str | None = None
-    allow_inconsistent: bool = False
-    resume: bool = False
-    token: str | None = field(default=None, repr=False)
-    log_every: int = 10
-    checkpoint_every: int = 100
-    prefetch: int = 4
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    tis_cap: float | None = None
-    # The PPO ratio's reference: "rollout" (the stored rollout log-probs: a trust region around the policy
-    # that sampled the data, which many passes over the same rollouts need; rows without rollout log-probs
-    # get ratio 1) or "current" (the policy before this step: ratio 1, the plain policy gradient).
-    ratio_reference: str = "rollout"
-    normalize: str = "token"
-    tensorboard: bool = False
-    wandb: bool = False
-    wandb_project: str = "lightning-opd"
-    retries: int = 5
-    timeout_s: float = 60.0
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise InvalidInput(f"{name} is {getattr(self, name)}; it must be at least 1")
-        if self.lr <= 0:
-            raise InvalidInput(f"lr is {self.lr}; it must be positive")
-        if self.ratio_reference not in ("current", "rollout"):
-            raise InvalidInput(f"ratio_reference is {self.ratio_reference!r}; use 'current' or 'rollout'")
-        if self.normalize not in ("token", "sequence"):
-            raise InvalidInput(f"normalize is {self.normalize!r}; use 'token' or 'sequence'")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InvalidInput(f"device {self.device!r} asked for, but torch sees no CUDA device; use --device cpu")
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["student"], d["out"] = str(self.student), str(self.out)
-        d.pop("token")  # a secret does not belong in a checkpoint
-        return d
 
 
 @dataclass
@@ -208,7 +150,8 @@ def train_student(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg.validate()
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInput(f"device {cfg.device!r} asked for, but torch sees no CUDA device; use --device cpu")
     cfg.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = cfg.out / CHECKPOINT
     ckpt: dict[str, Any] | None = None

@@ -1,9 +1,10 @@
 """Small client-side views of the server's JSON answers.
 
-The client depends on the HTTP contract (docs/http-api.md) only, not on the server's or the
-store's Python models, so it parses the few fields it needs into these plain dataclasses and
-keeps the full JSON in `raw` for anything else. Unknown fields are ignored, so a server that adds
-fields does not break an older client.
+The client depends on the HTTP contract (`lopd.http_contract`, docs/http-api.md) only, not on
+the server's or the store's Python models, so it parses the few fields it needs into these plain
+dataclasses and keeps the full JSON in `raw` for anything else. Unknown fields are ignored, so a
+server that adds fields does not break an older client (which is why the contract's strict
+pydantic models, made for the server's OpenAPI schema, are not used to parse here).
 """
 
 from __future__ import annotations
@@ -12,6 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from lopd.http_contract import (
+    INDEX,
+    PROMPT_IDS,
+    RESPONSE_IDS,
+    ROLLOUT_LOGPROBS,
+    SAMPLE_ID,
+    TEACHER_LOGPROBS,
+)
 
 from .errors import ProtocolError
 
@@ -91,8 +101,11 @@ class DatasetInfo:
 
 
 @dataclass(frozen=True)
-class Sample:
-    """One sample from the JSON form of the API, with arrays in their stored dtypes."""
+class SampleArrays:
+    """A served sample (the contract's JSON `Sample`) decoded into numpy arrays in their stored dtypes.
+
+    Its fields are the `Sample` fields, same names and order.
+    """
 
     index: int | None
     sample_id: str
@@ -102,17 +115,17 @@ class Sample:
     rollout_logprobs: np.ndarray | None  # float32 or absent
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Sample:
+    def from_json(cls, data: dict[str, Any]) -> SampleArrays:
         # JSON carries each float32 as the shortest decimal that round-trips to it, so parsing
         # straight to float32 recovers the stored bits exactly.
-        rollout = data.get("rollout_logprobs")
+        rollout = data.get(ROLLOUT_LOGPROBS)
         try:
             return cls(
-                index=data.get("index"),
-                sample_id=str(data["sample_id"]),
-                prompt_ids=np.asarray(data["prompt_ids"], dtype=np.int32),
-                response_ids=np.asarray(data["response_ids"], dtype=np.int32),
-                teacher_logprobs=np.asarray(data["teacher_logprobs"], dtype=np.float32),
+                index=data.get(INDEX),
+                sample_id=str(data[SAMPLE_ID]),
+                prompt_ids=np.asarray(data[PROMPT_IDS], dtype=np.int32),
+                response_ids=np.asarray(data[RESPONSE_IDS], dtype=np.int32),
+                teacher_logprobs=np.asarray(data[TEACHER_LOGPROBS], dtype=np.float32),
                 rollout_logprobs=None if rollout is None else np.asarray(rollout, dtype=np.float32),
             )
         except (KeyError, TypeError, ValueError) as e:

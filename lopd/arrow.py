@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["ListColumn", "list_column", "list_rows"]
+__all__ = ["ListColumn", "NullValueError", "list_column", "list_lengths", "list_rows"]
+
+
+class NullValueError(ValueError):
+    """A list row holds a null value; `row` is the first such row."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(f"a list row holds a null value (row {row})")
+        self.row = row
 
 
 @dataclass(frozen=True)
@@ -53,12 +61,19 @@ class ListColumn:
         o, v, ok = self.offsets, self.values, self.valid
         return [v[o[i] : o[i + 1]] if ok[i] else None for i in range(len(ok))]
 
+    def dense_rows(self) -> list[np.ndarray]:
+        """Every row as a numpy view, for a column that has no null rows (raises `ValueError` otherwise)."""
+        if not self.valid.all():
+            raise ValueError(f"row {int(np.argmin(self.valid))} of the list column is null")
+        o, v = self.offsets, self.values
+        return [v[o[i] : o[i + 1]] for i in range(len(self.valid))]
+
 
 def list_column(column: pa.ChunkedArray | pa.Array, dtype: np.dtype | type | None = None) -> ListColumn:
     """Split a list (or large_list) column of numbers; `dtype` converts the values (no copy when equal).
 
-    Raises `TypeError` when the column is not a list column, `ValueError` when a value inside a row
-    is null (a list of numbers with holes has no numpy form).
+    Raises `TypeError` when the column is not a list column, `NullValueError` (a `ValueError`) naming
+    the row when a value inside a row is null (a list of numbers with holes has no numpy form).
     """
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
@@ -70,8 +85,10 @@ def list_column(column: pa.ChunkedArray | pa.Array, dtype: np.dtype | type | Non
     offsets = arr.offsets.to_numpy()
     child = arr.values
     lo, hi = int(offsets[0]), int(offsets[-1])
-    if child.slice(lo, hi - lo).null_count:
-        raise ValueError("a list row holds a null value")
+    inside = child.slice(lo, hi - lo)
+    if inside.null_count:
+        first = lo + int(np.argmax(inside.is_null().to_numpy(zero_copy_only=False)))
+        raise NullValueError(int(np.searchsorted(offsets, first, side="right")) - 1)
     values = child.to_numpy(zero_copy_only=False)
     if dtype is not None:
         values = values.astype(dtype, copy=False)
@@ -82,3 +99,21 @@ def list_column(column: pa.ChunkedArray | pa.Array, dtype: np.dtype | type | Non
 def list_rows(column: pa.ChunkedArray | pa.Array, dtype: np.dtype | type | None = None) -> list[np.ndarray | None]:
     """A list column as one numpy view per row (None for a null row)."""
     return list_column(column, dtype).rows()
+
+
+def list_lengths(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Values per row of a list column (0 for a null row), int64, from the offsets alone.
+
+    Unlike `list_column(...).lengths` it neither reads nor checks the values, and does not combine
+    the chunks of a column read from Parquet (one per row group).
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for arr in chunks:
+        if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+            raise TypeError(f"expected a list column, got {arr.type}")
+        lengths = np.diff(arr.offsets.to_numpy()).astype(np.int64, copy=False)
+        if arr.null_count:
+            lengths = lengths * arr.is_valid().to_numpy(zero_copy_only=False)
+        parts.append(lengths)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

@@ -47,6 +47,14 @@ class TokenizerMismatch(Inconsistent):
     """Two parts of the pipeline use different tokenizers, so token ids do not mean the same thing."""
 
 
+class Unauthorized(LopdError):
+    """Missing or rejected credentials (a bearer token the server does not know)."""
+
+
+class Cancelled(LopdError):
+    """A request was abandoned because its caller stopped waiting (e.g. a loader or a teacher was closed)."""
+
+
 class Corrupt(LopdError):
     """Stored bytes do not match their manifest (checksum, size or schema)."""
 

@@ -55,7 +55,12 @@ class SeedRun(_Model):
     runs: list[MethodRun]
 
 
-class TeacherInfo(_Model):
+class TeacherResult(_Model):
+    """A trained teacher in the results: its solution style, held-out accuracy and content fingerprint.
+
+    Not the loaded teacher's identity (`lopd.server.teachers.TeacherInfo`): this is what the report shows.
+    """
+
     style: str
     accuracy: float
     fingerprint: str
@@ -83,7 +88,7 @@ class Claim(_Model):
 
 class PipelineReport(_Model):
     config: PipelineConfig
-    teachers: list[TeacherInfo]
+    teachers: list[TeacherResult]
     seeds: list[SeedRun]
     summary: list[SummaryRow]
     claims: list[Claim]
@@ -202,7 +207,7 @@ def check_claims(
 
 def derive(
     config: PipelineConfig,
-    teachers: list[TeacherInfo],
+    teachers: list[TeacherResult],
     seeds: list[SeedRun],
     environment: dict[str, str | int | float | None],
     total_seconds: float,

@@ -38,7 +38,7 @@ from . import lm
 from .config import PipelineConfig
 from .evaluate import evaluate, greedy_accuracy
 from .online_opd import OnlineOPDConfig, train_online_opd
-from .report import MethodRun, PipelineReport, Point, SeedRun, TeacherInfo, derive, markdown, plot
+from .report import MethodRun, PipelineReport, Point, SeedRun, TeacherResult, derive, markdown, plot
 from .stages import generate_sft_data, sample_rollouts, sft_student, sft_teacher_of, train_teacher
 from .task import Problem, held_out_problems, make_problems
 
@@ -116,7 +116,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
         echo(f"[2/8] training teacher {style} ({cfg.teacher.hidden}x{cfg.teacher.layers}, {cfg.teacher_steps} steps)")
         teachers[style] = train_teacher(path, style, train, cfg.teacher, dataclasses.replace(fit, seed=seed))
         acc = greedy_accuracy(*lm.load(path), test, max_new_tokens=cfg.max_new_tokens)
-        infos.append(TeacherInfo(style=style, accuracy=acc, fingerprint=model_fingerprint(path)))
+        infos.append(TeacherResult(style=style, accuracy=acc, fingerprint=model_fingerprint(path)))
         echo(f"      teacher {style}: {acc:.1%} held-out accuracy")
     teacher_a = TransformersTeacher(teachers["A"])  # the live teacher of online OPD, and the KL reference
     tok = teacher_a.tokenizer

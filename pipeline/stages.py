@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lopd.fingerprint import model_fingerprint
-from lopd.server.tiny_models import build_tiny_model
+from lopd.testing import build_tiny_model
 
 from . import lm
 from .config import ModelSize

@@ -9,7 +9,6 @@ and restarted in any way, produce the same dataset.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -19,9 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 import lopd
+from lopd.config import ARGUMENT, LopdSettings
 from lopd.errors import BadRecords, InvalidInput, TeacherMismatch, TeacherServerError, TokenizerMismatch
 from lopd.fingerprint import (
     is_fingerprint,
@@ -37,8 +38,8 @@ from lopd.storage.schema import FORMAT_VERSION, build_table
 from lopd.storage.staging import RunPlan, Staging, plan_parts
 
 from .rollouts import RolloutScan, expand_rollout_paths, load_rollouts, scan_rollouts
-from .teachers import GENERATING_BACKENDS, HTTP_BACKENDS, BackendOptions
-from .teachers.base import config_context_length
+from .teachers import DEFAULT_BACKEND, ScoringJob, TeacherOptions, backend_options
+from .teachers.base import MaxBatchSize, MaxBatchTokens, Temperature, config_context_length
 
 log = logging.getLogger(__name__)
 
@@ -49,43 +50,62 @@ CONSISTENCY_HELP = (
 )
 
 
-@dataclass
-class PrecomputeConfig:
-    rollouts: list[Path]
-    teacher: Path
-    sft_teacher: str
-    store: Path
-    dataset: str
-    backend: str = "transformers"
-    device: str | None = None  # None: the backend's own (cpu for transformers, cuda for vllm, none for servers)
-    dtype: str | None = None  # None: the backend's own (float32, bfloat16 for vllm, "server" for servers)
-    temperature: float = 1.0
-    allow_teacher_mismatch: bool = False
-    rollout_policy: Path | None = None
-    rollout_tokenizer: str | None = None
-    rollout_temperature: float = 1.0
-    num_shards: int = 1
-    shard_index: int = 0
-    on_bad_record: Literal["stop", "skip"] = "stop"
-    samples_per_part: int = 1024
-    max_batch_tokens: int = 16384
-    max_batch_size: int = 256
-    progress: bool = True
-    publish: bool = True
-    # Server-backed backends (sglang, openai): the server's address, requests in flight, served name.
-    teacher_url: str | None = None
-    max_concurrency: int | None = None
-    served_model_name: str | None = None
-    # The vllm backend's engine settings (None: its defaults).
-    gpu_memory_utilization: float | None = None
-    tensor_parallel_size: int | None = None
+class PrecomputeConfig(LopdSettings):
+    """`lopd precompute`: every setting, its default and its help, declared once (flags and `LOPD_*` derive)."""
 
-    def backend_options(self) -> BackendOptions:
-        return BackendOptions(
-            backend=self.backend, device=self.device, dtype=self.dtype, teacher_url=self.teacher_url,
-            max_concurrency=self.max_concurrency, served_model_name=self.served_model_name,
-            gpu_memory_utilization=self.gpu_memory_utilization, tensor_parallel_size=self.tensor_parallel_size,
-        )  # fmt: skip
+    rollouts: list[Path] = Field(
+        description="Rollout files (JSONL, JSONL.gz, Parquet) or directories.", json_schema_extra=ARGUMENT
+    )
+    teacher: Path = Field(description="Teacher model directory (Hugging Face format).")
+    sft_teacher: str = Field(description="The model (directory or fingerprint) that generated the student's SFT data.")
+    store: Path = Field(description="Store directory (created if missing).")
+    dataset: str = Field(description="Dataset name inside the store.")
+    backend: TeacherOptions = Field(
+        DEFAULT_BACKEND, validate_default=True, description="Teacher backend and its options."
+    )
+    temperature: Temperature
+    allow_teacher_mismatch: bool = Field(
+        False, description="Build even if the teacher is not the SFT-data teacher (marked inconsistent)."
+    )
+    rollout_policy: Path | None = Field(
+        None, description="The sampling policy: computes rollout_logprobs where records lack them."
+    )
+    rollout_tokenizer: str | None = Field(
+        None, description="Tokenizer (directory or fingerprint) the rollouts were sampled with."
+    )
+    rollout_temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollout policy.")
+    num_workers: int = Field(1, ge=1, description="Number of workers splitting the job (each runs this command).")
+    worker_index: int = Field(0, ge=0, description="This worker's index, 0..num_workers-1.")
+    on_bad_record: Literal["stop", "skip"] = Field(
+        "stop", description="stop: refuse and write nothing; skip: leave bad records out."
+    )
+    samples_per_part: int = Field(1024, ge=1, description="Samples per part file (the unit of resumption).")
+    max_batch_tokens: MaxBatchTokens
+    max_batch_size: MaxBatchSize
+    publish: bool = Field(
+        True, description="Publish when every part exists (--no-publish: leave it to `lopd finalize`)."
+    )
+    progress: bool = Field(True, description="Show progress bars.")
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend(cls, value: Any) -> TeacherOptions:
+        return backend_options(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> PrecomputeConfig:
+        layout.validate_name(self.dataset)
+        if self.worker_index >= self.num_workers:
+            raise ValueError(f"--worker-index must be in 0..{self.num_workers - 1} (got {self.worker_index})")
+        return self
+
+    def job(self, temperature: float | None = None) -> ScoringJob:
+        """What every teacher this run loads is asked: the scoring temperature and the batch budgets."""
+        return ScoringJob(
+            temperature=self.temperature if temperature is None else temperature,
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_size=self.max_batch_size,
+        )
 
 
 @dataclass
@@ -100,7 +120,7 @@ class PrecomputeResult:
 
 
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
-    cfg = _validate_config(cfg)
+    _check_model_dirs(cfg)
     notices: list[str] = []
 
     # 1. Teacher consistency and tokenizer agreement, from files only: refuse before loading weights.
@@ -132,7 +152,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
 
     # 2. Scan and validate every record before writing anything.
     max_context = _max_context(cfg.teacher)
-    if cfg.backend in GENERATING_BACKENDS:
+    if cfg.backend.generates_token:
         max_context -= 1  # the engine generates one token after the record (see teachers/__init__.py)
     scan = scan_rollouts(
         expand_rollout_paths(cfg.rollouts),
@@ -154,13 +174,13 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         )
 
     if (
-        cfg.backend in HTTP_BACKENDS
+        cfg.backend.uses_server
         and cfg.rollout_policy is not None
         and not all(r.has_rollout_logprobs for r in scan.records)
     ):
         raise InvalidInput(
-            f"--backend {cfg.backend} scores with the teacher's server only, so it cannot compute rollout log-probs "
-            "with --rollout-policy: include rollout_logprobs in the records, declare the tokenizer with "
+            f"--backend {cfg.backend.name} scores with the teacher's server only, so it cannot compute rollout "
+            "log-probs with --rollout-policy: include rollout_logprobs in the records, declare the tokenizer with "
             "--rollout-tokenizer instead, or use an in-process backend"
         )
 
@@ -184,7 +204,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     staging = Staging(cfg.store, cfg.dataset, run_key)
     plan = staging.open(plan)
     done = staging.completed_parts(plan)
-    mine = [p for p in plan.parts if p.index % cfg.num_shards == cfg.shard_index]
+    mine = [p for p in plan.parts if p.index % cfg.num_workers == cfg.worker_index]
     todo = [p for p in mine if p.index not in done]
 
     # 4. Score this worker's missing parts.
@@ -212,25 +232,18 @@ def _score_parts(
     my_samples: int,
     tokenizer: Any,
 ) -> None:
-    options = cfg.backend_options()
-
-    def load(model_dir: Path, temperature: float) -> Any:
-        return options.load(
-            model_dir, temperature=temperature, max_batch_tokens=cfg.max_batch_tokens, max_batch_size=cfg.max_batch_size
-        )
-
-    teacher = load(cfg.teacher, cfg.temperature)
+    teacher = cfg.backend.load(cfg.teacher, cfg.job())
     if teacher.info.fingerprint != plan.provenance.teacher.fingerprint:
         raise TeacherMismatch(f"{cfg.teacher} changed on disk while the job was starting; run it again")
     policy = None
     if cfg.rollout_policy is not None and not all(r.has_rollout_logprobs for r in scan.records):
-        policy = load(cfg.rollout_policy, cfg.rollout_temperature)
+        policy = cfg.backend.load(cfg.rollout_policy, cfg.job(cfg.rollout_temperature))
     todo_samples = sum(plan.parts[i].num_samples for i in todo)
     bar = tqdm(
         total=my_samples,
         initial=my_samples - todo_samples,
         unit="sample",
-        desc=f"score {cfg.dataset} [worker {cfg.shard_index + 1}/{cfg.num_shards}]",
+        desc=f"score {cfg.dataset} [worker {cfg.worker_index + 1}/{cfg.num_workers}]",
         disable=not cfg.progress,
         dynamic_ncols=True,
     )
@@ -265,20 +278,10 @@ def _score_parts(
             policy.close()
 
 
-def _validate_config(cfg: PrecomputeConfig) -> PrecomputeConfig:
-    """Refuse bad settings; return the config with the backend's own device and dtype filled in."""
-    layout.validate_name(cfg.dataset)
-    options = cfg.backend_options().resolved()
-    if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
-        raise InvalidInput(f"--shard-index must be in 0..{cfg.num_shards - 1} (got {cfg.shard_index})")
-    if cfg.temperature <= 0 or cfg.rollout_temperature <= 0:
-        raise InvalidInput("temperatures must be positive")
-    if cfg.samples_per_part < 1 or cfg.max_batch_tokens < 1 or cfg.max_batch_size < 1:
-        raise InvalidInput("--samples-per-part, --max-batch-tokens and --max-batch-size must be at least 1")
+def _check_model_dirs(cfg: PrecomputeConfig) -> None:
     for label, path in (("teacher", cfg.teacher), ("rollout policy", cfg.rollout_policy)):
         if path is not None and not Path(path).is_dir():
             raise InvalidInput(f"{label} {path} is not a model directory")
-    return dataclasses.replace(cfg, device=options.device, dtype=options.dtype)
 
 
 def _load_tokenizer(model_dir: Path) -> Any:
@@ -348,8 +351,8 @@ def _provenance(
             records=scan.total,
             retokenized=scan.retokenized,
         ),
-        backend=cfg.backend,
-        dtype=cfg.dtype,
+        backend=cfg.backend.name,
+        dtype=cfg.backend.precision(),
         temperature=cfg.temperature,
         consistency=Consistency(
             teacher_consistent=consistent,
@@ -376,8 +379,8 @@ def _run_key(cfg: PrecomputeConfig, prov: Provenance) -> str:
         "rollout_policy": prov.rollout_policy.fingerprint if prov.rollout_policy else None,
         "rollout_tokenizer": prov.rollout_tokenizer_fingerprint,
         "rollout_temperature": prov.rollout_temperature,
-        "backend": cfg.backend,
-        "dtype": cfg.dtype,
+        "backend": cfg.backend.name,
+        "dtype": cfg.backend.precision(),
         "temperature": cfg.temperature,
         "on_bad_record": cfg.on_bad_record,
         "samples_per_part": cfg.samples_per_part,

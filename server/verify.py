@@ -13,9 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field, field_validator
 
+from lopd.config import ARGUMENT, LopdSettings
 from lopd.fingerprint import model_fingerprint
 from lopd.storage.reader import Store
+
+from .teachers import DEFAULT_BACKEND, ScoringJob, TeacherOptions, backend_options
+from .teachers.base import MaxBatchTokens
 
 
 @dataclass
@@ -43,48 +48,38 @@ class VerifyReport:
         return {**asdict(self), "fingerprint_matches": self.fingerprint_matches, "passed": self.passed}
 
 
-def verify_dataset(
-    store_dir: Path,
-    dataset: str,
-    teacher: Path,
-    *,
-    version: int | None = None,
-    samples: int = 64,
-    seed: int = 0,
-    tolerance: float = 1e-3,
-    backend: str = "transformers",
-    device: str | None = None,
-    dtype: str | None = None,
-    max_batch_tokens: int = 16384,
-    teacher_url: str | None = None,
-    max_concurrency: int | None = None,
-    served_model_name: str | None = None,
-    gpu_memory_utilization: float | None = None,
-    tensor_parallel_size: int | None = None,
-) -> VerifyReport:
-    """Re-score `samples` random samples with `teacher` at the manifest's temperature and compare.
+class VerifyConfig(LopdSettings):
+    """`lopd verify`: every setting, its default and its help, declared once (flags and `LOPD_*` derive)."""
 
-    `device` and `dtype` default to the backend's own; `teacher_url` (and `max_concurrency`,
-    `served_model_name`) are for the server-backed backends, the last two options for vllm.
-    """
-    from .teachers import BackendOptions
+    store: Path = Field(description="Store directory.", json_schema_extra=ARGUMENT)
+    dataset: str = Field(description="Dataset name.")
+    teacher: Path = Field(description="The teacher to re-score with (model directory).")
+    version: int | None = Field(None, ge=1, description="Version (default: latest).")
+    samples: int = Field(64, ge=1, description="How many random samples to re-score.")
+    seed: int = Field(0, description="Seed of the random sample.")
+    tolerance: float = Field(1e-3, ge=0, description="Largest accepted |stored - rescored| per token.")
+    backend: TeacherOptions = Field(
+        DEFAULT_BACKEND, validate_default=True, description="Teacher backend and its options."
+    )
+    max_batch_tokens: MaxBatchTokens
 
-    options = BackendOptions(
-        backend=backend,
-        device=device,
-        dtype=dtype,
-        teacher_url=teacher_url,
-        max_concurrency=max_concurrency,
-        served_model_name=served_model_name,
-        gpu_memory_utilization=gpu_memory_utilization,
-        tensor_parallel_size=tensor_parallel_size,
-    ).resolved()
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend(cls, value: Any) -> TeacherOptions:
+        return backend_options(value)
+
+
+def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
+    """Re-score `cfg.samples` random samples with `cfg.teacher` at the manifest's temperature and compare."""
+    store_dir, dataset, teacher, version, samples = cfg.store, cfg.dataset, cfg.teacher, cfg.version, cfg.samples
+    seed, tolerance = cfg.seed, cfg.tolerance
     ds = Store(store_dir).open(dataset, version)
     n = len(ds)
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(n, size=min(samples, n), replace=False))
     table = ds.take(picked, columns=["sample_id", "prompt_ids", "response_ids", "teacher_logprobs"])
-    scorer = options.load(teacher, temperature=ds.manifest.provenance.temperature, max_batch_tokens=max_batch_tokens)
+    job = ScoringJob(temperature=ds.manifest.provenance.temperature, max_batch_tokens=cfg.max_batch_tokens)
+    scorer = cfg.backend.load(teacher, job)
     try:
         prompts = [np.asarray(p, dtype=np.int64) for p in table["prompt_ids"].to_pylist()]
         responses = [np.asarray(r, dtype=np.int64) for r in table["response_ids"].to_pylist()]

@@ -31,8 +31,8 @@ def tmp_path_for(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}")
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Publish `path` atomically; `write(tmp)` must create the file's full content at `tmp`."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Publish `path` atomically; `write(tmp)` must create the file's full content at `tmp` (its result is ignored)."""
     tmp = tmp_path_for(path)
     try:
         write(tmp)
@@ -46,6 +46,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Publish `path` atomically with content `data`."""
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 

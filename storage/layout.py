@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lopd.errors import InvalidInput
+from lopd.errors import Corrupt, InvalidInput
 
 STORE_MARKER = "lopd-store.json"
 MANIFEST = "manifest.json"
@@ -62,6 +62,17 @@ def dataset_dir(store: Path, name: str) -> Path:
 
 def version_dir(store: Path, name: str, version: int) -> Path:
     return dataset_dir(store, name) / version_dir_name(version)
+
+
+def version_file(version_path: Path, file_name: str) -> Path:
+    """A file a version's manifest lists (a shard or `skipped.parquet`), inside `version_path`.
+
+    The name comes from the manifest, so a name that would leave the version directory is refused
+    (`Corrupt`): publishing only ever writes plain file names.
+    """
+    if not file_name or file_name != Path(file_name).name or file_name.startswith("."):
+        raise Corrupt(f"the manifest in {version_path} lists {file_name!r}, which is not a file of that version")
+    return version_path / file_name
 
 
 def staging_root(store: Path, name: str) -> Path:

@@ -18,18 +18,19 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lopd.errors import Corrupt
+from lopd.errors import Corrupt, NotFound
 
 from . import layout
 from .atomic import atomic_write, fsync_dir
 from .manifest import Coverage, FileEntry, Manifest, content_hash, now_utc, read_manifest, write_manifest
-from .staging import RunPlan, Staging, check_part
+from .schema import TOKEN_COLUMNS, token_lengths
+from .staging import RunPlan, Staging, check_part, list_staging_plans, missing_parts
 
 _SKIPPED_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), pa.field("reason", pa.string())])
 
@@ -81,10 +82,6 @@ def reason_category(reason: str) -> str:
     return re.sub(r"-?\d+(\.\d+)?", "N", reason)
 
 
-def missing_parts(staging: Staging, plan: RunPlan) -> list[int]:
-    return [p.index for p in plan.parts if not staging.part_path(p.index).exists()]
-
-
 def publish(staging: Staging, plan: RunPlan) -> Manifest:
     """Publish the run as the dataset's next version (idempotent: a published run is returned as is)."""
     store, dataset = staging.store, staging.dataset
@@ -134,6 +131,42 @@ def publish(staging: Staging, plan: RunPlan) -> Manifest:
         return manifest
 
 
+@dataclass(frozen=True)
+class FinalizeResult:
+    """What `finalize` did with one unfinished run."""
+
+    run_key: str
+    parts_total: int
+    parts_missing: list[int]
+    manifest: Manifest | None  # the published version; None while parts are missing
+
+    def __str__(self) -> str:
+        """One line for people: the version published, or how many parts are still missing."""
+        if self.manifest is None:
+            return f"run {self.run_key[:16]}: {len(self.parts_missing)} of {self.parts_total} parts still missing"
+        m = self.manifest
+        return f"published: {m.name} v{m.version}: {m.num_samples} samples"
+
+
+def finalize(store: Path, dataset: str) -> list[FinalizeResult]:
+    """Publish every unfinished run of `dataset` whose parts all exist (for runs whose workers did not publish).
+
+    One result per run, in staging order; `str(result)` is the line `lopd finalize` prints. Runs
+    with parts still missing are left as they are. Raises `NotFound` when the dataset has no
+    unfinished run, and `Corrupt` when a complete run's part is damaged (see `publish`).
+    """
+    plans = list_staging_plans(store, dataset)
+    if not plans:
+        raise NotFound(f"no unfinished run of {dataset!r} in {store}")
+    results = []
+    for _, plan in plans:
+        staging = Staging(store, dataset, plan.run_key)
+        missing = missing_parts(staging, plan)
+        manifest = None if missing else publish(staging, plan)
+        results.append(FinalizeResult(plan.run_key, len(plan.parts), missing, manifest))
+    return results
+
+
 def _link_parts(staging: Staging, plan: RunPlan, dest: Path) -> tuple[list[FileEntry], int]:
     files: list[FileEntry] = []
     first_index = 0
@@ -146,9 +179,9 @@ def _link_parts(staging: Staging, plan: RunPlan, dest: Path) -> tuple[list[FileE
             os.link(src, dst)
         except OSError:  # filesystems without hard links
             shutil.copy2(src, dst)
-        table = pq.read_table(dst, columns=["prompt_ids", "response_ids"])
-        response_tokens = int(pc.sum(pc.list_value_length(table["response_ids"])).as_py() or 0)
-        prompt_tokens += int(pc.sum(pc.list_value_length(table["prompt_ids"])).as_py() or 0)
+        prompt_lengths, response_lengths = token_lengths(pq.read_table(dst, columns=list(TOKEN_COLUMNS)))
+        response_tokens = int(response_lengths.sum())
+        prompt_tokens += int(prompt_lengths.sum())
         files.append(
             FileEntry(
                 path=dst.name,

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
-from functools import cached_property
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lopd.errors import Corrupt, InvalidInput, NotFound
@@ -23,7 +21,8 @@ from lopd.errors import Corrupt, InvalidInput, NotFound
 from . import layout
 from .manifest import FileEntry, Manifest, read_manifest
 from .publish import published_versions, sha256_file
-from .schema import COLUMNS, SAMPLE_SCHEMA
+from .schema import COLUMNS, SAMPLE_SCHEMA, TOKEN_COLUMNS, token_lengths
+from .staging import list_staging_plans
 
 
 class Store:
@@ -36,13 +35,28 @@ class Store:
         marker = json.loads((self.root / layout.STORE_MARKER).read_text())
         self.format_version = int(marker.get("format_version", 0))
 
+    def catalogue(self) -> dict[str, list[int]]:
+        """Every dataset with at least one published version, with its versions in ascending order.
+
+        Entries of the store directory that are not datasets (hidden, files, names `validate_name`
+        refuses) or that vanish while it is listed are left out.
+        """
+        return {name: versions for name, versions in self._dataset_dirs() if versions}
+
     def datasets(self) -> list[str]:
         """Names of datasets with at least one published version (the catalogue)."""
-        names = []
-        for p in sorted(self.root.iterdir()):
-            if p.is_dir() and not p.name.startswith(".") and published_versions(self.root, p.name):
-                names.append(p.name)
-        return names
+        return list(self.catalogue())
+
+    def unpublished(self) -> list[str]:
+        """Datasets with nothing published yet but a run in staging (their progress is all there is)."""
+        out = []
+        for name, versions in self._dataset_dirs():
+            try:
+                if not versions and list_staging_plans(self.root, name):
+                    out.append(name)
+            except OSError:  # vanished while listing
+                continue
+        return out
 
     def versions(self, name: str) -> list[int]:
         return published_versions(self.root, self._known(name))
@@ -57,10 +71,7 @@ class Store:
             version = versions[-1]
         elif version not in versions:
             raise NotFound(f"dataset {name!r} has no version {version}; versions: {versions}")
-        ds = Dataset(layout.version_dir(self.root, name, version))
-        if verify:
-            ds.verify()
-        return ds
+        return open_version(self.root, name, version, verify=verify)
 
     def _known(self, name: str) -> str:
         # Look the name up in the catalogue: a name is never joined onto a path before this check.
@@ -69,13 +80,47 @@ class Store:
             raise NotFound(f"no dataset {name!r} in store {self.root}; datasets: {self.datasets()}")
         return name
 
+    def _dataset_dirs(self) -> Iterator[tuple[str, list[int]]]:
+        """(name, published versions) of every directory that may be a dataset, in name order."""
+        for p in sorted(self.root.iterdir()):
+            try:
+                if p.name.startswith(".") or not p.is_dir():
+                    continue
+                name = layout.validate_name(p.name)
+                versions = published_versions(self.root, name)
+            except (InvalidInput, OSError):
+                continue  # not a dataset directory, or vanished while listing
+            yield name, versions
+
+
+def read_version_manifest(root: Path, name: str, version: int) -> Manifest:
+    """The manifest of `name` v`version`; `Corrupt` when it describes another version (a moved directory).
+
+    `name` and `version` must come from `Store.catalogue()` (or `Store.versions`): the path is built from them.
+    """
+    manifest = read_manifest(layout.version_dir(root, name, version) / layout.MANIFEST)
+    if (manifest.name, manifest.version) != (name, version):
+        raise Corrupt(f"the manifest in {name}/v{version} describes {manifest.name!r} v{manifest.version}")
+    return manifest
+
+
+def open_version(root: Path, name: str, version: int, *, verify: bool = True) -> Dataset:
+    """Open a version found in the catalogue without listing the store again; `verify` checks every file's sha256.
+
+    For callers that keep their own copy of `Store.catalogue()` (a server); others use `Store.open`.
+    """
+    ds = Dataset(layout.version_dir(root, name, version), read_version_manifest(root, name, version))
+    if verify:
+        ds.verify()
+    return ds
+
 
 class Dataset:
     """One published version: manifest, integrity check, and random access by dataset index."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, manifest: Manifest | None = None) -> None:
         self.path = path
-        self.manifest = read_manifest(path / layout.MANIFEST)
+        self.manifest = manifest if manifest is not None else read_manifest(path / layout.MANIFEST)
         self._starts = np.array([f.first_index for f in self.manifest.files], dtype=np.int64)
         # One set of open Parquet handles per thread: a shared handle would need a lock around every
         # read, which serialised a server's concurrent requests (bench/bench_serving.py).
@@ -93,7 +138,8 @@ class Dataset:
         return self.manifest.version
 
     def shard_paths(self) -> list[Path]:
-        return [self.path / f.path for f in self.manifest.files]
+        """The shards, in dataset order (what DuckDB queries and readers open)."""
+        return [layout.version_file(self.path, f.path) for f in self.manifest.files]
 
     def verify(self) -> None:
         """Raise `Corrupt` naming the first file whose size or sha256 differs from the manifest."""
@@ -101,7 +147,26 @@ class Dataset:
         if self.manifest.coverage.skipped_file is not None:
             entries.append(self.manifest.coverage.skipped_file)
         for entry in entries:
-            _verify_file(self.path / entry.path, entry)
+            _verify_file(layout.version_file(self.path, entry.path), entry)
+
+    def token_counts(self) -> np.ndarray:
+        """Tokens (prompt + response) of every sample, int64 in dataset order: what a batch token limit counts.
+
+        Reads only the token id columns, shard by shard. Raises `Corrupt` when a shard is unreadable
+        or the shards hold another number of samples than the manifest says.
+        """
+        parts = []
+        for path in self.shard_paths():
+            try:
+                table = pq.read_table(path, columns=list(TOKEN_COLUMNS))
+            except (OSError, pa.ArrowException) as e:
+                raise Corrupt(f"{path}: unreadable Parquet ({e})") from e
+            prompt, response = token_lengths(table)
+            parts.append(prompt + response)
+        counts = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if counts.size != len(self):
+            raise Corrupt(f"the shards hold {counts.size} samples, the manifest says {len(self)}")
+        return counts
 
     def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
         cols = list(columns) if columns is not None else list(COLUMNS)
@@ -154,12 +219,6 @@ class Dataset:
         if pf is None:
             pf = files[file_index] = pq.ParquetFile(self.shard_paths()[file_index])
         return pf
-
-    @cached_property
-    def row_lengths(self) -> np.ndarray:
-        """Response length of every sample, in dataset order (for length-aware batching)."""
-        table = self.read_all(columns=["response_ids"])
-        return pc.list_value_length(table["response_ids"]).to_numpy().astype(np.int64)
 
 
 def _verify_file(path: Path, entry: FileEntry) -> None:

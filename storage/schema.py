@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from lopd.arrow import list_lengths
 from lopd.errors import InvalidInput
 
 FORMAT_VERSION = 1
@@ -36,6 +37,8 @@ SAMPLE_SCHEMA = pa.schema(
 )
 COLUMNS: tuple[str, ...] = tuple(SAMPLE_SCHEMA.names)
 FLOAT_COLUMNS = ("teacher_logprobs", "rollout_logprobs")
+# The columns a sample's tokens are counted in (see `token_lengths`).
+TOKEN_COLUMNS = ("prompt_ids", "response_ids")
 
 # Samples per row group: the unit of random access. Small enough that fetching one sample reads
 # ~64 sequences, not DuckDB's default 122,880 rows.
@@ -98,12 +101,22 @@ def build_table(
     )
 
 
+def token_lengths(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt and response tokens of every row of `table` (which holds the `TOKEN_COLUMNS`), int64.
+
+    The one rule for counting tokens: the manifest's token counts and the per-sample counts a
+    server's batch token limit uses both come from here.
+    """
+    prompt, response = TOKEN_COLUMNS
+    return list_lengths(table[prompt]), list_lengths(table[response])
+
+
 def _list_array(rows: list[Any], dtype: type) -> pa.ListArray:
     """Build a list array from numpy rows without a Python loop over elements (None rows stay null)."""
     lengths = np.fromiter((0 if r is None else len(r) for r in rows), dtype=np.int64, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    present = [np.asarray(r, dtype=dtype) for r in rows if r is not None]
+    present: list[np.ndarray] = [np.asarray(r, dtype=dtype) for r in rows if r is not None]
     values = np.concatenate(present) if present else np.zeros(0, dtype=dtype)
     mask = np.fromiter((r is None for r in rows), dtype=bool, count=len(rows))
     value_type = pa.from_numpy_dtype(np.dtype(dtype))

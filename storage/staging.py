@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from lopd._faults import crash_point
-from lopd.errors import Conflict, Corrupt
+from lopd.errors import Conflict, Corrupt, InvalidInput
 
 from . import layout
 from .atomic import atomic_write, atomic_write_bytes, remove_stale_tmp
@@ -49,6 +49,41 @@ class RunPlan(BaseModel):
     parts: list[PartPlan]
     skipped: list[tuple[str, str]]
     provenance: Provenance
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        run_key: str,
+        dataset: str,
+        sample_ids: Sequence[str],
+        samples_per_part: int,
+        input_records: int,
+        skipped: Sequence[tuple[str, str]],
+        provenance: Provenance,
+    ) -> RunPlan:
+        """The plan of a run scoring `sample_ids` (in dataset order), split into parts of `samples_per_part`."""
+        return cls(
+            run_key=run_key,
+            dataset=dataset,
+            samples_per_part=samples_per_part,
+            num_samples=len(sample_ids),
+            input_records=input_records,
+            parts=plan_parts(sample_ids, samples_per_part),
+            skipped=list(skipped),
+            provenance=provenance,
+        )
+
+    def part_rows(self, index: int) -> slice:
+        """Where part `index`'s samples are in the run's sample order (the order of `build`'s `sample_ids`)."""
+        start = index * self.samples_per_part
+        return slice(start, start + self.parts[index].num_samples)
+
+    def parts_of_worker(self, worker: int, num_workers: int) -> list[PartPlan]:
+        """The parts worker `worker` of `num_workers` scores: index % num_workers == worker (round-robin)."""
+        if num_workers < 1 or not 0 <= worker < num_workers:
+            raise ValueError(f"worker {worker} of {num_workers}: the index must be in 0..num_workers-1")
+        return [p for p in self.parts if p.index % num_workers == worker]
 
 
 def ids_digest(ids: Sequence[str]) -> str:
@@ -147,6 +182,11 @@ class Staging:
         return path
 
 
+def missing_parts(staging: Staging, plan: RunPlan) -> list[int]:
+    """Indices of the planned parts not (yet) in the staging directory; existence only, nothing is read."""
+    return [p.index for p in plan.parts if not staging.part_path(p.index).exists()]
+
+
 def check_part(path: Path, part: PartPlan, plan: RunPlan) -> None:
     """Raise `Corrupt` unless `path` is the complete part `part` of `plan`, scored by its teacher."""
     try:
@@ -172,7 +212,11 @@ def read_plan(path: Path) -> RunPlan:
 
 
 def list_staging_plans(store: Path, dataset: str) -> list[tuple[Path, RunPlan]]:
-    """Unfinished runs of a dataset, for progress reporting (damaged plans are skipped)."""
+    """Unfinished runs of a dataset: each staging directory and its plan.
+
+    Damaged plans, and plans that do not belong to the directory they are in (so that `Staging` for
+    their run key would look elsewhere), are skipped.
+    """
     root = layout.staging_root(store, dataset)
     out: list[tuple[Path, RunPlan]] = []
     if root.is_dir():
@@ -180,7 +224,16 @@ def list_staging_plans(store: Path, dataset: str) -> list[tuple[Path, RunPlan]]:
             plan_path = d / layout.PLAN
             if plan_path.is_file():
                 try:
-                    out.append((d, read_plan(plan_path)))
+                    plan = read_plan(plan_path)
                 except Corrupt:
                     continue
+                if _belongs(store, dataset, plan, d):
+                    out.append((d, plan))
     return out
+
+
+def _belongs(store: Path, dataset: str, plan: RunPlan, directory: Path) -> bool:
+    try:
+        return layout.staging_dir(store, dataset, plan.run_key) == directory
+    except InvalidInput:
+        return False

@@ -23,7 +23,8 @@ from pydantic import BaseModel
 from . import layout
 from .publish import published_versions
 from .reader import Store
-from .staging import list_staging_plans
+from .schema import TOKEN_COLUMNS
+from .staging import Staging, list_staging_plans, missing_parts
 
 if TYPE_CHECKING:
     import duckdb
@@ -121,9 +122,11 @@ def _distribution(con: duckdb.DuckDBPyConnection, expr_sql: str, params: list[ob
 
 
 def progress(store: Path, name: str) -> list[RunProgress]:
+    """How far each unfinished run of `name` is (parts that exist in its staging directory)."""
     out = []
-    for d, plan in list_staging_plans(store, name):
-        done = [p for p in plan.parts if (d / f"part-{p.index:06d}.parquet").exists()]
+    for _, plan in list_staging_plans(store, name):
+        missing = set(missing_parts(Staging(store, name, plan.run_key), plan))
+        done = [p for p in plan.parts if p.index not in missing]
         out.append(
             RunProgress(
                 run_key=plan.run_key,
@@ -152,9 +155,10 @@ def coverage(store_root: str | Path, name: str, version: int | None = None) -> C
     m = ds.manifest
     files = [str(p) for p in ds.shard_paths()]
     con = _connect()
-    src = "SELECT len({col}) AS x FROM read_parquet(?)"
-    resp = _distribution(con, src.format(col="response_ids"), [files]) if files else None
-    prompt = _distribution(con, src.format(col="prompt_ids"), [files]) if files else None
+    src = "SELECT len({col}) AS x FROM read_parquet(?)"  # a sample's tokens, as `schema.token_lengths` counts them
+    prompt_col, response_col = TOKEN_COLUMNS
+    resp = _distribution(con, src.format(col=response_col), [files]) if files else None
+    prompt = _distribution(con, src.format(col=prompt_col), [files]) if files else None
     total_bytes = sum(f.bytes for f in m.files)
     return CoverageStats(
         dataset=name,

@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama teacher (untied head) with the char-level tokenizer, float32 weights."""
-    from lopd.server.tiny_models import build_tiny_model
+    from lopd.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=1)
 
@@ -46,7 +46,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_b_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture and tokenizer as `tiny_llama_dir`, different weights: a different teacher."""
-    from lopd.server.tiny_models import build_tiny_model
+    from lopd.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-b"), "llama", seed=2)
 
@@ -54,7 +54,7 @@ def tiny_llama_b_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Qwen2 (tied embeddings, attention biases) with the same tokenizer."""
-    from lopd.server.tiny_models import build_tiny_model
+    from lopd.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", seed=3)
 

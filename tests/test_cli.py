@@ -89,10 +89,10 @@ def test_sharded_workers_through_the_cli_and_finalize(tmp_path, tiny_llama_dir):
     common = [
         str(rollouts), "--teacher", str(tiny_llama_dir), "--sft-teacher", str(tiny_llama_dir),
         "--store", str(tmp_path / "store"), "--dataset", "sh", "--samples-per-part", "5", "--no-progress",
-        "--num-shards", "2", "--no-publish",
+        "--num-workers", "2", "--no-publish",
     ]  # fmt: skip
     for k in ("0", "1"):
-        out = lopd("precompute", *common, "--shard-index", k)
+        out = lopd("precompute", *common, "--worker-index", k)
         assert out.returncode == 0 and "waiting for" in out.stdout, out.stderr
     out = lopd("finalize", str(tmp_path / "store"), "--dataset", "sh")
     assert out.returncode == 0 and "published: sh v1: 20 samples" in out.stdout, out.stderr
@@ -105,7 +105,7 @@ def test_precompute_with_a_server_backend_needs_its_url(tmp_path, tiny_llama_dir
         "--store", str(tmp_path / "store"), "--dataset", "x", "--no-progress", "--backend", "sglang",
     )  # fmt: skip
     assert out.returncode == 2
-    assert "--backend sglang scores through a running server: pass its address with --teacher-url" in out.stderr
+    assert "--backend sglang needs --teacher-url: the address of the running server it scores through" in out.stderr
     assert not (tmp_path / "store").exists()
     out = lopd("verify", str(tmp_path / "store"), "--dataset", "x", "--teacher", str(tiny_llama_dir),
                "--teacher-url", "http://127.0.0.1:1")  # fmt: skip

@@ -146,7 +146,7 @@ def test_fingerprint_module_stays_light(tiny_llama_dir: Path) -> None:
 def test_tokenizer_fingerprint_same_tokenizer(tokenizer, tokenizer_dir: Path) -> None:  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
-    from lopd.server.tiny_models import build_tokenizer
+    from lopd.testing import build_tokenizer
 
     fp = tokenizer_fingerprint(tokenizer)
     assert is_fingerprint(fp)

@@ -18,6 +18,8 @@ from importlib.metadata import version as dist_version
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
+from lopd.http_contract import LIVEZ_PATH, READYZ_PATH
+
 from . import page, routes_datasets, routes_health, routes_metrics
 from .auth import TokenTable, require_token
 from .body_limit import BodyLimitMiddleware
@@ -28,7 +30,7 @@ from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/"})
+PUBLIC_PATHS = frozenset({LIVEZ_PATH, READYZ_PATH, page.PAGE_PATH})
 
 
 def _version() -> str:

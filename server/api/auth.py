@@ -16,9 +16,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from lopd.errors import InvalidInput
-
-from .errors import Unauthorized
+from lopd.errors import InvalidInput, Unauthorized
 
 ANONYMOUS = "anonymous"  # the lab label when the server runs without a tokens file
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lopd.http_contract import JSON_MEDIA_TYPE, ErrorType, error_body
+
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
@@ -24,20 +26,20 @@ class BodyLimitMiddleware:
             headers = dict(scope.get("headers") or [])
             length = headers.get(b"content-length")
             if length is None and headers.get(b"transfer-encoding"):
-                return await _refuse(send, 411, "invalid_input", "send the request body with a Content-Length")
+                return await _refuse(send, 411, ErrorType.INVALID_INPUT, "send the request body with a Content-Length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
                 return await _refuse(
                     send,
                     413,
-                    "too_large",
+                    ErrorType.TOO_LARGE,
                     f"request body of {length.decode(errors='replace')} bytes exceeds the limit of "
                     f"{self.max_body_bytes} bytes (LOPD_MAX_BODY_BYTES); ask for fewer indices per batch",
                 )
         await self.app(scope, receive, send)
 
 
-async def _refuse(send: Any, status: int, type_: str, message: str) -> None:
-    body = json.dumps({"error": {"type": type_, "message": message}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+async def _refuse(send: Any, status: int, type_: ErrorType, message: str) -> None:
+    body = json.dumps(error_body(type_, message)).encode()
+    headers = [(b"content-type", JSON_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

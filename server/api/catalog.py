@@ -11,8 +11,10 @@ Routes never touch the filesystem themselves; they ask the catalogue. It
 - caches what is immutable per version: opened `Dataset`s, per-sample token counts (for the
   batch token limit) and the DuckDB statistics.
 
-Names given by clients are validated and then only looked up in the scanned catalogue; the only
-paths built are from names found on disk.
+Every rule about the store (what a dataset is, which versions exist, how a version is read,
+verified and its tokens counted) is asked of `lopd.storage`; this module only decides what to
+cache, when to look again and what may be served. Names given by clients are validated and then
+only looked up in the scanned catalogue, so versions are opened only by names found on disk.
 """
 
 from __future__ import annotations
@@ -27,16 +29,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from lopd.errors import Corrupt, InvalidInput, LopdError, NotFound
+from lopd.errors import Corrupt, LopdError, NotFound
 from lopd.storage import layout, stats
-from lopd.storage.manifest import Manifest, read_manifest
-from lopd.storage.publish import published_versions
-from lopd.storage.reader import Dataset, Store
-from lopd.storage.staging import list_staging_plans
+from lopd.storage.manifest import Manifest
+from lopd.storage.reader import Dataset, Store, open_version, read_version_manifest
 
 log = logging.getLogger(__name__)
 
@@ -123,25 +120,10 @@ class Catalog:
 
     def _scan(self) -> tuple[dict[str, list[int]], frozenset[str], str | None]:
         try:
-            Store(self.root)
-            entries = sorted(self.root.iterdir())
+            store = Store(self.root)
+            return store.catalogue(), frozenset(store.unpublished()), None
         except (LopdError, OSError, ValueError):
             return {}, frozenset(), f"store unavailable: no readable {layout.STORE_MARKER} in the configured directory"
-        versions: dict[str, list[int]] = {}
-        staging_only: set[str] = set()
-        for p in entries:
-            try:
-                if p.name.startswith(".") or not p.is_dir():
-                    continue
-                name = layout.validate_name(p.name)
-                found = published_versions(self.root, name)
-                if found:
-                    versions[name] = found
-                elif list_staging_plans(self.root, name):
-                    staging_only.add(name)
-            except (InvalidInput, OSError):
-                continue  # not a dataset directory, or vanished while scanning
-        return versions, frozenset(staging_only), None
 
     # -- lookup -----------------------------------------------------------------------------
 
@@ -208,7 +190,7 @@ class Catalog:
             manifest = self._manifests.get(key)
         if manifest is None:
             try:
-                manifest = _read_checked_manifest(self.root, key)
+                manifest = read_version_manifest(self.root, *key)
             except (LopdError, OSError) as e:
                 self._record_problem(key, e)
                 return None
@@ -236,16 +218,14 @@ class Catalog:
                 if key in self._served or key in self._problems:
                     return
             try:
-                manifest = _read_checked_manifest(self.root, key)
-                dataset = Dataset(layout.version_dir(self.root, *key))
-                dataset.verify()
-                counts = _token_counts(dataset)
-            except (LopdError, OSError, ValueError, pa.ArrowException) as e:
+                dataset = open_version(self.root, *key, verify=True)
+                counts = dataset.token_counts()
+            except (LopdError, OSError, ValueError) as e:
                 self._record_problem(key, e)
                 return
             with self._lock:
                 self._served[key] = ServedVersion(dataset, counts)
-                self._manifests[key] = manifest
+                self._manifests[key] = dataset.manifest
             log.info("verified %s v%d (%d samples)", key[0], key[1], len(dataset))
 
     def _record_problem(self, key: Key, err: Exception) -> None:
@@ -338,23 +318,3 @@ class Catalog:
                     self._stats.pop(next(iter(self._stats)))
                 self._stats[(kind, key)] = value
             return value
-
-
-def _read_checked_manifest(root: Path, key: Key) -> Manifest:
-    manifest = read_manifest(layout.version_dir(root, *key) / layout.MANIFEST)
-    if (manifest.name, manifest.version) != key:
-        raise Corrupt(f"the manifest in {key[0]}/v{key[1]} describes {manifest.name!r} v{manifest.version}")
-    return manifest
-
-
-def _token_counts(dataset: Dataset) -> np.ndarray:
-    """Prompt + response tokens per sample, read shard by shard to bound memory."""
-    parts = []
-    for path in dataset.shard_paths():
-        table = pq.read_table(path, columns=["prompt_ids", "response_ids"])
-        lengths = pc.add(pc.list_value_length(table["prompt_ids"]), pc.list_value_length(table["response_ids"]))
-        parts.append(lengths.to_numpy().astype(np.int64))
-    counts = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    if counts.size != len(dataset):
-        raise Corrupt(f"the shards hold {counts.size} samples, the manifest says {len(dataset)}")
-    return counts

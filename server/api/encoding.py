@@ -13,11 +13,14 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
+from lopd.arrow import list_rows
+from lopd.http_contract import ARROW_STREAM_MEDIA_TYPE, INDEX, JSON_MEDIA_TYPE, SAMPLE_ID, SERVED_COLUMNS
 from lopd.storage.schema import SAMPLE_SCHEMA
 
-ARROW_STREAM = "application/vnd.apache.arrow.stream"
-JSON = "application/json"
-_LIST_COLUMNS = ("prompt_ids", "response_ids", "teacher_logprobs", "rollout_logprobs")
+# The contract's served columns, typed as the store keeps them (a contract column the store lacks
+# fails here, at import).
+SERVED_SCHEMA = pa.schema([SAMPLE_SCHEMA.field(name) for name in SERVED_COLUMNS])
+_LIST_COLUMNS = tuple(f.name for f in SERVED_SCHEMA if pa.types.is_list(f.type))
 
 
 def wants_json(accept: str | None) -> bool:
@@ -25,39 +28,28 @@ def wants_json(accept: str | None) -> bool:
     if not accept:
         return False
     types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
-    return JSON in types and ARROW_STREAM not in types
+    return JSON_MEDIA_TYPE in types and ARROW_STREAM_MEDIA_TYPE not in types
 
 
 def arrow_stream(table: pa.Table) -> bytes:
-    """The table as an Arrow IPC stream of exactly one record batch, with the store schema."""
-    table = table.select(list(SAMPLE_SCHEMA.names)).cast(SAMPLE_SCHEMA).combine_chunks()
+    """The table as an Arrow IPC stream of exactly one record batch, with the served schema."""
+    table = table.select(list(SERVED_SCHEMA.names)).cast(SERVED_SCHEMA).combine_chunks()
     batches = table.to_batches()
-    batch = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=SAMPLE_SCHEMA)
+    batch = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=SERVED_SCHEMA)
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, SAMPLE_SCHEMA) as writer:
+    with pa.ipc.new_stream(sink, SERVED_SCHEMA) as writer:
         writer.write_batch(batch)
     return sink.getvalue().to_pybytes()
 
 
-def _rows(column: pa.ChunkedArray) -> list[np.ndarray | None]:
-    """A list column as one numpy view per row (None for a null row), without a Python loop over values."""
-    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if len(arr) == 0:
-        return []
-    offsets = arr.offsets.to_numpy()
-    values = arr.values.to_numpy(zero_copy_only=False)
-    valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    return [values[offsets[i] : offsets[i + 1]] if valid[i] else None for i in range(len(arr))]
-
-
 def sample_dicts(table: pa.Table, indices: Sequence[int] | np.ndarray) -> list[dict[str, object]]:
     """The rows of `table` as `Sample` dicts, `indices` being the dataset index of each row."""
-    lists = {c: _rows(table[c]) for c in _LIST_COLUMNS}
-    ids = table["sample_id"].to_pylist()
+    lists = {c: list_rows(table[c]) for c in _LIST_COLUMNS}
+    ids = table[SAMPLE_ID].to_pylist()
     return [
         {
-            "index": int(index),
-            "sample_id": ids[i],
+            INDEX: int(index),
+            SAMPLE_ID: ids[i],
             **{c: lists[c][i] for c in _LIST_COLUMNS},
         }
         for i, index in enumerate(indices)

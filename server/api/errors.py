@@ -1,8 +1,8 @@
 """Mapping every error to one JSON shape, in one place.
 
 Routes raise the project's error hierarchy (`lopd.errors`); FastAPI and Starlette raise their
-own validation, 404 and 405 errors. All of them leave here as
-`{"error": {"type": ..., "message": ...}}` with the status the contract names. Messages are
+own validation, 404 and 405 errors. All of them leave here in the contract's error body
+(`lopd.http_contract.error_body`) with the status the contract names. Messages are
 sanitised: the store's absolute path is replaced by `<store>`, and unexpected exceptions
 answer a fixed text (the traceback goes to the log, never to the client).
 """
@@ -17,9 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lopd.errors import Corrupt, InvalidInput, LopdError, NotFound
-
-from .models import ErrorResponse, ErrorType
+from lopd.errors import Corrupt, InvalidInput, LopdError, NotFound, Unauthorized
+from lopd.http_contract import ErrorResponse, ErrorType, error_body
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +27,19 @@ class TooLarge(InvalidInput):
     """A request beyond one of the server's limits (413); the message names the limit."""
 
 
-class Unauthorized(LopdError):
-    """A missing or wrong bearer token (401)."""
-
-
 # First match wins: subclasses before their bases.
 _LOPD_STATUS: list[tuple[type[LopdError], int, ErrorType]] = [
-    (TooLarge, 413, "too_large"),
-    (Unauthorized, 401, "unauthorized"),
-    (InvalidInput, 422, "invalid_input"),
-    (NotFound, 404, "not_found"),
-    (Corrupt, 503, "corrupt"),
+    (TooLarge, 413, ErrorType.TOO_LARGE),
+    (Unauthorized, 401, ErrorType.UNAUTHORIZED),
+    (InvalidInput, 422, ErrorType.INVALID_INPUT),
+    (NotFound, 404, ErrorType.NOT_FOUND),
+    (Corrupt, 503, ErrorType.CORRUPT),
 ]
 _HTTP_TYPES: dict[int, ErrorType] = {
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
+    401: ErrorType.UNAUTHORIZED,
+    404: ErrorType.NOT_FOUND,
+    405: ErrorType.METHOD_NOT_ALLOWED,
+    413: ErrorType.TOO_LARGE,
 }
 
 # Error responses to declare on routes, so the OpenAPI schema lists every status they answer.
@@ -63,8 +58,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def error_json(status: int, type_: ErrorType, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"type": type_, "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
 
 
 def _sanitise(request: Request, message: str) -> str:
@@ -88,7 +82,7 @@ async def _lopd_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
-    type_ = _HTTP_TYPES.get(status, "invalid_input" if status < 500 else "internal")
+    type_ = _HTTP_TYPES.get(status, ErrorType.INVALID_INPUT if status < 500 else ErrorType.INTERNAL)
     message = {404: f"no route {request.url.path[:200]!r}", 405: f"{request.method} is not allowed here"}.get(
         status, str(exc.detail)
     )
@@ -112,12 +106,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         for e in errors[:5]
     ]
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    return error_json(422, "invalid_input", _sanitise(request, "; ".join(parts) + more))
+    return error_json(422, ErrorType.INVALID_INPUT, _sanitise(request, "; ".join(parts) + more))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_json(500, "internal", "internal server error; the server log has the details")
+    return error_json(500, ErrorType.INTERNAL, "internal server error; the server log has the details")
 
 
 def install_error_handlers(app: FastAPI) -> None:

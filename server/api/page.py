@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
+from lopd.http_contract import DATASETS_PATH, JSON_MEDIA_TYPE
+
 router = APIRouter(tags=["page"])
+PAGE_PATH = "/"
 
 _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem auto; max-width: 70rem; padding: 0 1rem; color: #222; }
@@ -33,8 +37,7 @@ td:first-child { color: #555; } code { font-size: 12px; word-break: break-all; }
 .problems { color: #a00; } .error { color: #a00; }
 """
 
-_SCRIPT = """
-"use strict";
+_SCRIPT_BODY = """
 const $ = (id) => document.getElementById(id);
 const fmt = (x) => (x === null || x === undefined) ? "-" : (typeof x === "number" ? x.toLocaleString("en") : String(x));
 
@@ -53,7 +56,7 @@ function fragmentToken() {
 }
 
 async function api(path) {
-  const headers = { Accept: "application/json" };
+  const headers = { Accept: JSON_MEDIA_TYPE };
   const token = $("token").value.trim();
   if (token) headers.Authorization = "Bearer " + token;
   const r = await fetch(path, { headers, cache: "no-store" });
@@ -143,9 +146,9 @@ async function load() {
   try {
     const ready = await fetch("/readyz", { cache: "no-store" }).then((r) => r.json());
     for (const p of ready.problems || []) problems.append(node("li", "", p));
-    const list = await api("/v1/datasets");
+    const list = await api(DATASETS_PATH);
     for (const d of list.datasets) {
-      const base = "/v1/datasets/" + encodeURIComponent(d.name);
+      const base = DATASETS_PATH + "/" + encodeURIComponent(d.name);
       try {
         const [cov, con] = await Promise.all([api(base + "/coverage"), api(base + "/consistency")]);
         main.append(render(d, cov, con));
@@ -164,6 +167,12 @@ $("token").value = fragmentToken();
 $("auth").addEventListener("submit", (ev) => { ev.preventDefault(); load(); });
 load();
 """
+# The contract's values the script uses, as JavaScript literals ("use strict" must come first).
+_SCRIPT = f"""
+"use strict";
+const DATASETS_PATH = {json.dumps(DATASETS_PATH)};
+const JSON_MEDIA_TYPE = {json.dumps(JSON_MEDIA_TYPE)};
+{_SCRIPT_BODY}"""
 
 
 def _csp_hash(text: str) -> str:
@@ -202,7 +211,7 @@ _HEADERS = {
 }
 
 
-@router.get("/", response_class=HTMLResponse, responses={200: {"description": "The HTML page."}})
+@router.get(PAGE_PATH, response_class=HTMLResponse, responses={200: {"description": "The HTML page."}})
 async def page() -> HTMLResponse:
     """A read-only page of every dataset (static: its script reads the JSON routes)."""
     return HTMLResponse(PAGE, headers=_HEADERS)

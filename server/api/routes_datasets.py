@@ -14,6 +14,20 @@ import numpy as np
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
 from lopd.errors import InvalidInput
+from lopd.http_contract import (
+    ARROW_STREAM_MEDIA_TYPE,
+    CONTENT_HASH_HEADER,
+    DATASET_HEADER,
+    DATASETS_PATH,
+    JSON_MEDIA_TYPE,
+    VERSION_HEADER,
+    BatchRequest,
+    BatchResponse,
+    DatasetsResponse,
+    DatasetSummary,
+    Sample,
+    TeacherSummary,
+)
 from lopd.storage.manifest import Manifest
 from lopd.storage.stats import ConsistencyStats, CoverageStats
 
@@ -22,15 +36,15 @@ from .auth import lab_of
 from .catalog import Catalog, ServedVersion
 from .deps import CatalogDep, MetricsDep, SettingsDep
 from .errors import TooLarge, error_responses
-from .models import BatchRequest, BatchResponse, DatasetsResponse, DatasetSummary, Sample, TeacherSummary
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix=DATASETS_PATH, tags=["datasets"])
 
 # The rule of `lopd.storage.layout.validate_name`, stated in the schema for clients and fuzzers (a test
 # checks the two agree). Enforced by `validate_name` itself, whose message says how to fix a name.
 NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 Name = Annotated[
-    str, Path(description="Dataset name, as listed by GET /v1/datasets.", json_schema_extra={"pattern": NAME_PATTERN})
+    str,
+    Path(description=f"Dataset name, as listed by GET {DATASETS_PATH}.", json_schema_extra={"pattern": NAME_PATTERN}),
 ]
 Version = Annotated[int | None, Query(ge=1, description="Dataset version; the latest published by default.")]
 IfNoneMatch = Annotated[str | None, Header(description="An ETag from an earlier answer: 304 if unchanged.")]
@@ -128,7 +142,7 @@ def get_sample(
         return cached
     body = encoding.dumps(encoding.sample_dicts(served.dataset.take(idx), idx)[0])
     metrics.served(m.name, m.version, lab_of(request), samples=1, nbytes=len(body))
-    return Response(body, media_type=encoding.JSON, headers={"ETag": _etag(served)})
+    return Response(body, media_type=JSON_MEDIA_TYPE, headers={"ETag": _etag(served)})
 
 
 @router.post(
@@ -138,7 +152,7 @@ def get_sample(
         200: {
             "model": BatchResponse,
             "description": "The samples in the requested order: an Arrow IPC stream (default) or JSON.",
-            "content": {encoding.ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}}},
+            "content": {ARROW_STREAM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
         },
         **error_responses(400, 401, 404, 413, 422, 503),
     },
@@ -170,11 +184,11 @@ def get_batch(
     table = served.dataset.take(idx)
     if encoding.wants_json(accept):
         payload = {"dataset": m.name, "version": m.version, "samples": encoding.sample_dicts(table, idx)}
-        content, media_type = encoding.dumps(payload), encoding.JSON
+        content, media_type = encoding.dumps(payload), JSON_MEDIA_TYPE
     else:
-        content, media_type = encoding.arrow_stream(table), encoding.ARROW_STREAM
+        content, media_type = encoding.arrow_stream(table), ARROW_STREAM_MEDIA_TYPE
     metrics.served(m.name, m.version, lab_of(request), samples=len(idx), nbytes=len(content))
-    headers = {"X-Lopd-Dataset": m.name, "X-Lopd-Version": str(m.version), "X-Lopd-Content-Hash": m.content_hash}
+    headers = {DATASET_HEADER: m.name, VERSION_HEADER: str(m.version), CONTENT_HASH_HEADER: m.content_hash}
     return Response(content, media_type=media_type, headers=headers)
 
 

@@ -5,20 +5,21 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from lopd.http_contract import LIVEZ_PATH, READYZ_PATH, LivezResponse, ReadyResponse, UnavailableResponse
+
 from .deps import CatalogDep
-from .models import LivezResponse, ReadyResponse, UnavailableResponse
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/livez", response_model=LivezResponse)
+@router.get(LIVEZ_PATH, response_model=LivezResponse)
 async def livez() -> LivezResponse:
     """200 while the process is up (no I/O: it must answer even when the store is unreachable)."""
     return LivezResponse()
 
 
 @router.get(
-    "/readyz",
+    READYZ_PATH,
     response_model=ReadyResponse,
     responses={503: {"model": UnavailableResponse, "description": "Store missing or a version failed verification."}},
 )

@@ -13,6 +13,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lopd.config import ARGUMENT
+from lopd.http_contract import MAX_BATCH_INDICES, MAX_BATCH_TOKENS, MAX_BODY_BYTES
+
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -21,18 +24,20 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LOPD_", extra="ignore", frozen=True)
 
-    store: Path = Field(description="Store directory to serve (read-only).")
+    store: Path = Field(description="Store directory to serve (read-only).", json_schema_extra=ARGUMENT)
     host: str = Field(default="127.0.0.1", description="Interface to bind; loopback unless told otherwise.")
     port: int = Field(default=8000, ge=0, le=65535)
     tokens_file: Path | None = Field(
         default=None, description='JSON {"<token>": "<lab>"}; when set, every data route needs a bearer token.'
     )
-    max_batch_indices: int = Field(default=4096, ge=1, description="Most indices one batch may ask for.")
+    max_batch_indices: int = Field(default=MAX_BATCH_INDICES, ge=1, description="Most indices one batch may ask for.")
     max_batch_tokens: int = Field(
-        default=8_388_608, ge=1, description="Most prompt+response tokens one batch response may hold."
+        default=MAX_BATCH_TOKENS, ge=1, description="Most prompt+response tokens one batch response may hold."
     )
     max_body_bytes: int = Field(
-        default=1_048_576, ge=1, description="Largest request body accepted (a 4096-index batch is ~30 kB)."
+        default=MAX_BODY_BYTES,
+        ge=1,
+        description=f"Largest request body accepted (a {MAX_BATCH_INDICES}-index batch is ~30 kB).",
     )
     catalog_ttl_s: float = Field(
         default=2.0, ge=0.0, description="Longest time a newly published version can stay unseen."

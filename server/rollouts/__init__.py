@@ -36,22 +36,28 @@ Inputs can be millions of records with thousands of tokens each, so the work is 
 `RecordRef` per valid record (where it is, and its sizes); `load_rollouts` reads a chosen set of
 records back (seeking to byte offsets in JSONL, reading only the needed row groups of Parquet)
 when a batch is about to be scored.
+
+The public reading API is what this package exports:
+
+* `expand_rollout_paths(paths)`: the rollout files that files and directories name, in order.
+* `rollout_files_fingerprint(paths)`: the inputs' `sha256:` fingerprint, without parsing them.
+* `scan_rollouts(paths, tokenizer, vocab_size=, max_context=)`: validate every record, return a `RolloutScan`.
+* `load_rollouts(scan, refs, tokenizer)`: read chosen records of a scan back, as `Rollout`s.
+* `RolloutScan`: the valid records (`RecordRef`s), the bad ones with reasons, the input fingerprint.
+* `RecordRef`: where a valid record is and its sizes. `Rollout`: one record's tokens, ready to score.
+* `ROLLOUT_SUFFIXES`: the file suffixes read. `MAX_LOGPROB`: how far above 0 a log-prob may round.
+
+Inside, each module has one job: `files` reads file formats (paths, fingerprint, raw lines and rows),
+`fields` names a record's fields and checks their values, `records` reads the records of a raw item
+(flat forms) and `request_outputs` those of a vLLM `RequestOutput` line, `scan` runs the two phases.
 """
 
-from .files import (
-    JSONL_SUFFIXES,
-    PARQUET_SUFFIXES,
-    ROLLOUT_SUFFIXES,
-    expand_rollout_paths,
-    rollout_files_fingerprint,
-)
-from .records import MAX_LOGPROB
+from .fields import MAX_LOGPROB
+from .files import ROLLOUT_SUFFIXES, expand_rollout_paths, rollout_files_fingerprint
 from .scan import RecordRef, Rollout, RolloutScan, load_rollouts, scan_rollouts
 
 __all__ = [
-    "JSONL_SUFFIXES",
     "MAX_LOGPROB",
-    "PARQUET_SUFFIXES",
     "ROLLOUT_SUFFIXES",
     "RecordRef",
     "Rollout",

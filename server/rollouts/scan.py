@@ -1,15 +1,14 @@
 """The two phases: `scan_rollouts` validates every record once and keeps light refs; `load_rollouts` reads refs back.
 
-Also the dataclasses they return, and `_entries`, which turns one raw item (a JSONL line or a Parquet
-row) into its records: one for a flat record, one per output for a vLLM `RequestOutput` line. File
-access is in `files`, record interpretation in `records` and `request_outputs`.
+Also the dataclasses they return. File access is in `files`; what a raw item (a JSONL line or a
+Parquet row) holds is read by `records.read_entries`: one record for a flat record, one per output
+for a vLLM `RequestOutput` line.
 """
 
 from __future__ import annotations
 
-import hashlib
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,9 @@ import numpy as np
 
 from lopd.errors import InvalidInput
 
-from .files import (
-    _display_names,
-    _iter_jsonl,
-    _iter_parquet,
-    _kind,
-    _load_jsonl,
-    _load_jsonl_gz,
-    _load_parquet,
-    expand_rollout_paths,
-)
-from .records import _Bad, _decode_line, _Entry, _flat_entry, _retry_exact
-from .request_outputs import expand_request_output, is_request_output
+from .fields import RECORD_FIELDS, RecordEntry
+from .files import InputHasher, display_names, expand_rollout_paths, iter_items, read_items, rollout_file_kind
+from .records import read_entries
 
 _DUP_LOCATIONS_SHOWN = 5
 
@@ -85,28 +75,6 @@ class RolloutScan:
 # ------------------------------------------------------------------------------------------- scan
 
 
-def _entries(
-    item: bytes | dict[str, Any],
-    tokenizer: Any,
-    vocab_size: int | None,
-    max_context: int | None,
-    where: str | None,
-    exact: bool = False,
-) -> list[_Entry]:
-    """The records of one JSONL line or Parquet row; `where` (`file:LINE`) names it in ids and reasons."""
-    try:
-        obj = item if isinstance(item, dict) else _decode_line(item, exact)
-    except _Bad as e:
-        return [_Entry(None, None, str(e))]
-    if is_request_output(obj):
-        entries = expand_request_output(obj, vocab_size, max_context, where)
-    else:
-        entries = [_flat_entry(obj, tokenizer, vocab_size, max_context)]
-    if any(e.parsed is None for e in entries) and _retry_exact(item, exact):
-        return _entries(item, tokenizer, vocab_size, max_context, where, exact=True)
-    return entries
-
-
 def _check_positive(name: str, v: Any) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
         raise InvalidInput(f"{name} must be a positive integer, got {v!r}")
@@ -133,8 +101,8 @@ def scan_rollouts(
     _check_positive("vocab_size", vocab_size)
     _check_positive("max_context", max_context)
     files = expand_rollout_paths(paths)
-    names = _display_names(files)
-    h = hashlib.sha256()
+    names = display_names(files)
+    hasher = InputHasher()
 
     entries: list[Any] = []  # RecordRef for a valid record, (label, reason) for a bad one
     ent_source = array("q")
@@ -149,14 +117,10 @@ def scan_rollouts(
     shown = 0  # records counted on the bar
     try:
         for source, path in enumerate(files):
-            kind = _kind(path)
-            if kind == "parquet":
-                raw: Iterator[tuple[int, int, Any]] = ((row, row, obj) for row, obj in _iter_parquet(path, h))
-            else:
-                raw = _iter_jsonl(path, kind, h)  # type: ignore[arg-type]
-            for offset, pos, item in raw:
+            kind = rollout_file_kind(path)
+            for offset, pos, item in iter_items(path, RECORD_FIELDS, hasher):
                 where = _locator(names, kind, source, pos)
-                for entry in _entries(item, tokenizer, vocab_size, max_context, where):
+                for entry in read_entries(item, tokenizer, vocab_size, max_context, where):
                     idx = len(entries)
                     ent_source.append(source)
                     ent_pos.append(pos)
@@ -190,7 +154,7 @@ def scan_rollouts(
     finally:
         bar.close()
 
-    kinds = [_kind(p) for p in files]
+    kinds = [rollout_file_kind(p) for p in files]
     for rid, idxs in dups.items():
         # Only the first few locations are named, so an id used a million times stays linear.
         head = [
@@ -199,14 +163,14 @@ def scan_rollouts(
         ]
         for idx in idxs:
             others = [loc for j, loc in head if j != idx][:_DUP_LOCATIONS_SHOWN]
-            shown = ", ".join(others)
+            listed = ", ".join(others)
             if len(idxs) - 1 > len(others):
-                shown += f" and {len(idxs) - 1 - len(others)} more"
+                listed += f" and {len(idxs) - 1 - len(others)} more"
             e = entries[idx]
             if isinstance(e, RecordRef):
-                entries[idx] = (rid, f"duplicate id: also used at {shown}")
+                entries[idx] = (rid, f"duplicate id: also used at {listed}")
             else:
-                entries[idx] = (e[0], f"{e[1]}; also, the id is used again at {shown}")
+                entries[idx] = (e[0], f"{e[1]}; also, the id is used again at {listed}")
 
     records = [e for e in entries if isinstance(e, RecordRef)]
     problems = [e for e in entries if not isinstance(e, RecordRef)]
@@ -216,7 +180,7 @@ def scan_rollouts(
         problems=problems,
         total=len(entries),
         retokenized=sum(r.retokenized for r in records),
-        input_fingerprint="sha256:" + h.hexdigest(),
+        input_fingerprint=hasher.fingerprint,
     )
 
 
@@ -243,17 +207,9 @@ def load_rollouts(scan: RolloutScan, refs: Sequence[RecordRef], tokenizer: Any) 
     out: list[Rollout | None] = [None] * len(refs)
     for source, by_offset in by_source.items():
         path = scan.paths[source]
-        kind = _kind(path)
         offsets = list(by_offset)
-        wanted = list(enumerate(offsets))
-        if kind == "parquet":
-            items: Iterator[tuple[int, Any]] = _load_parquet(path, wanted)
-        elif kind == "jsonl.gz":
-            items = _load_jsonl_gz(path, wanted)
-        else:
-            items = _load_jsonl(path, wanted)
-        for j, item in items:
-            entries = _entries(item, tokenizer, None, None, where=None)
+        for j, item in read_items(path, list(enumerate(offsets)), RECORD_FIELDS):
+            entries = read_entries(item, tokenizer, None, None, where=None)
             for k in by_offset[offsets[j]]:
                 out[k] = _read_back(refs[k], entries, path)
     missing = [refs[k].id for k, r in enumerate(out) if r is None]
@@ -262,7 +218,7 @@ def load_rollouts(scan: RolloutScan, refs: Sequence[RecordRef], tokenizer: Any) 
     return out  # type: ignore[return-value]
 
 
-def _read_back(ref: RecordRef, entries: list[_Entry], path: Path) -> Rollout:
+def _read_back(ref: RecordRef, entries: list[RecordEntry], path: Path) -> Rollout:
     """The entry `ref` points at, checked against what the scan saw."""
     found = [e for e in entries if e.output == ref.output]
     entry = found[0] if len(found) == 1 else None

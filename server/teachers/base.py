@@ -17,12 +17,15 @@ server later) implements this one narrow contract, so the store cannot tell them
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Annotated, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lopd.config import LopdSettings, invalid_input
 
 # Config keys that give a model's context length, in the order architectures use them. One list for
 # the precompute job (which reads config.json before loading any weights) and the backends.
@@ -44,6 +47,65 @@ def config_context_length(config: dict[str, Any]) -> int | None:
             if isinstance(section.get(key), int):
                 return int(section[key])
     return None
+
+
+# What a job asks of every teacher, declared once: the precompute and verify configs use these too.
+Temperature = Annotated[
+    float, Field(1.0, gt=0, allow_inf_nan=False, description="Scoring temperature: log_softmax(logits / T).")
+]
+MaxBatchTokens = Annotated[int, Field(16384, ge=1, description="Padded tokens per forward batch.")]
+MaxBatchSize = Annotated[int, Field(256, ge=1, description="Sequences per forward batch.")]
+
+
+class ScoringJob(BaseModel):
+    """The job's side of scoring: the temperature, and the batch budgets of backends that batch in-process."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: Temperature
+    max_batch_tokens: MaxBatchTokens
+    max_batch_size: MaxBatchSize
+
+
+OptionsT = TypeVar("OptionsT", bound="TeacherOptions")
+
+
+class TeacherOptions(LopdSettings):
+    """A teacher backend: its options, each declared once as a field, and how to load it.
+
+    Each backend's module subclasses this with its own fields (type, default, constraints and a
+    description); `lopd.server.teachers` registers the subclass with one line. The `lopd`
+    flags, their help, the `LOPD_*` environment variables, the precompute and verify configs and
+    validation all derive from those fields, so adding an option touches the backend's module only.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # where the model runs, for --backend's help
+    extra: ClassVar[str]  # the pip extra that installs what it needs
+    # Scores through a running inference server: it cannot compute rollout log-probs locally.
+    uses_server: ClassVar[bool] = False
+    # The engine generates at least one token after each record (vLLM refuses max_tokens=0; servers
+    # reserve room for one), so a record may use the teacher's context minus one token.
+    generates_token: ClassVar[bool] = False
+
+    def precision(self) -> str:
+        """The dtype the manifest records ("server" where the server chose it)."""
+        raise NotImplementedError
+
+    def load(self, model_dir: str | Path, job: ScoringJob) -> Teacher:
+        """The loaded teacher; heavy libraries are imported here, never at module import."""
+        raise NotImplementedError
+
+    @classmethod
+    def split(cls: type[OptionsT], settings: Mapping[str, Any]) -> tuple[OptionsT, ScoringJob]:
+        """Keyword settings of a backend's constructor: (its options, the job's part), both validated."""
+        job_keys = ScoringJob.model_fields.keys()
+        try:
+            job = ScoringJob(**{k: v for k, v in settings.items() if k in job_keys})
+            options = cls(**{k: v for k, v in settings.items() if k not in job_keys})
+        except ValidationError as e:
+            raise invalid_input(e, f"the {cls.name} teacher backend") from None
+        return options, job
 
 
 @dataclass(frozen=True)

@@ -9,62 +9,31 @@ batches them) while the job stays resumable and deterministic:
   order the answers arrive in. The first record that fails cancels the rest, so a part either
   scores completely or raises before anything is written (the precompute job then redoes only
   that part on resume).
-* **Retries only where retrying can help.** Connection errors, timeouts, dropped connections,
-  429 and 5xx are retried with exponential backoff (with jitter, honouring `Retry-After`), a
-  bounded number of times. Any other 4xx means the request itself is wrong (a record longer
-  than the server's context, an unknown model name): retrying would fail the same way, so it
-  raises at once with the server's own message and the record it concerns.
+* **Retries only where retrying can help**, by the project's one policy (`lopd.retry`):
+  connection errors, timeouts, dropped connections, 408, 429 and 5xx are retried with
+  exponential backoff (with jitter, honouring `Retry-After`), a bounded number of times; closing
+  the client ends a wait at once. Any other 4xx means the request itself is wrong (a record
+  longer than the server's context, an unknown model name): retrying would fail the same way, so
+  it raises at once with the server's own message and the record it concerns.
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
-import logging
-import math
-import random
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
 
-from lopd.errors import InvalidInput, TeacherServerError
-
-log = logging.getLogger(__name__)
+from lopd.errors import Cancelled, InvalidInput, TeacherServerError
+from lopd.retry import Failure, RetriesExhausted, RetryPolicy
 
 T = TypeVar("T")
 
-# Longest wait a server's Retry-After may impose before one retry; a larger value is treated as this.
-MAX_RETRY_AFTER_S = 300.0
 # How much of a server's error body goes into our messages (they can be whole HTML pages).
 _MESSAGE_CHARS = 500
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how patiently a request is retried after a transient failure."""
-
-    max_attempts: int = 6  # in all, the first try included
-    backoff_s: float = 0.5  # the wait before the 2nd attempt; doubles each time
-    max_backoff_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise InvalidInput(f"max_attempts must be at least 1, got {self.max_attempts}")
-        if self.backoff_s < 0 or self.max_backoff_s < 0:
-            raise InvalidInput("backoff times must not be negative")
-
-    def backoff(self, attempt: int) -> float:
-        """Wait after failed attempt `attempt` (1-based): exponential, capped, with jitter.
-
-        The jitter (a uniform factor in [0.5, 1]) keeps the workers of one job, and the jobs of
-        many, from hitting a recovering server in lockstep.
-        """
-        return min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
 def server_message(response: httpx.Response) -> str:
@@ -89,26 +58,18 @@ def server_message(response: httpx.Response) -> str:
     return text[:_MESSAGE_CHARS]
 
 
-def retry_after_seconds(response: httpx.Response) -> float | None:
-    """`Retry-After` as seconds (delta-seconds or an HTTP date), capped; None when absent or unreadable."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    if not math.isfinite(seconds):
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+def _describe(failure: Failure) -> str:
+    """A failed attempt for logs and errors: the transport error, or the status and the server's message."""
+    if failure.response is None:
+        return str(failure)
+    return f"{failure}: {server_message(failure.response)}"
 
 
 class HTTPClient:
-    """One connection pool to one server: JSON requests with retries, and an ordered, bounded map."""
+    """One connection pool to one server: JSON requests with retries, and an ordered, bounded map.
+
+    `retry` is the `lopd.retry.RetryPolicy` of every request (`retries` after the first attempt).
+    """
 
     def __init__(
         self,
@@ -143,49 +104,38 @@ class HTTPClient:
     def request(
         self, method: str, path: str, *, body: Any = None, what: str, record: int | None = None
     ) -> httpx.Response:
-        """Send with retries on transient failures; returns the first answer that is not 429 or 5xx.
+        """Send under the retry policy; returns the first answer that is not retriable (408, 429, 5xx).
 
-        Raises `TeacherServerError` once `retry.max_attempts` attempts have all failed transiently.
+        Raises `TeacherServerError` once all `retry.retries + 1` attempts have failed transiently,
+        or when the client is closed meanwhile.
         """
-        problem, connection_problem = "", False
-        attempts = self.retry.max_attempts
-        for attempt in range(1, attempts + 1):
-            if self._closed.is_set():
-                raise TeacherServerError(f"{what}: the {self.backend} teacher was closed", record=record)
-            wait_s: float
-            try:
-                response = self._client.request(method, path, json=body)
-            except httpx.TransportError as e:  # refused, reset, dropped without an answer, timed out
-                problem = f"{type(e).__name__}: {e or 'no details'}"
-                wait_s = self.retry.backoff(attempt)
-                connection_problem = True
-            else:
-                if response.status_code != 429 and response.status_code < 500:
-                    return response
-                problem = f"HTTP {response.status_code}: {server_message(response)}"
-                after = retry_after_seconds(response)
-                wait_s = after if after is not None else self.retry.backoff(attempt)
-                connection_problem = False
-            if attempt == attempts:
-                break
-            log.warning(
-                "%s server %s: %s failed (%s); retry %d of %d in %.2fs",
-                self.backend, self.base_url, what, problem, attempt, attempts - 1, wait_s,
-            )  # fmt: skip
-            time.sleep(wait_s)
-        hint = f" Is the {self.backend} server running, and is --teacher-url its address?" if connection_problem else ""
-        raise TeacherServerError(
-            f"{what}: the {self.backend} server at {self.base_url} failed {attempts} attempts in a row; "
-            f"last error: {problem}.{hint}",
-            record=record,
-        )
+        try:
+            return self.retry.send(
+                lambda: self._client.request(method, path, json=body),
+                what=f"{self.backend} server {self.base_url}: {what}",
+                describe=_describe,
+                cancel=self._closed,
+            )
+        except Cancelled:
+            raise TeacherServerError(f"{what}: the {self.backend} teacher was closed", record=record) from None
+        except RetriesExhausted as e:
+            hint = (
+                f" Is the {self.backend} server running, and is --teacher-url its address?"
+                if e.last.response is None
+                else ""
+            )
+            raise TeacherServerError(
+                f"{what}: the {self.backend} server at {self.base_url} failed {e.attempts} attempts in a row; "
+                f"last error: {_describe(e.last)}.{hint}",
+                record=record,
+            ) from e.last.error
 
     def get_json(self, path: str, *, what: str) -> Any:
         """GET a JSON document; any error status is a `TeacherServerError` naming the server's message."""
         return self.parse_json(self.request("GET", path, what=what), what=what, record=None)
 
     def post_json(self, path: str, body: Any, *, what: str, record: int | None = None) -> Any:
-        """POST JSON and return the JSON answer; a 4xx other than 429 raises at once (not retried)."""
+        """POST JSON and return the JSON answer; a 4xx other than 408 and 429 raises at once (not retried)."""
         return self.parse_json(
             self.request("POST", path, body=body, what=what, record=record), what=what, record=record
         )

@@ -18,19 +18,52 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from lopd.errors import InvalidInput, TeacherServerError
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 
-from .base import TeacherInfo, check_token_ids, config_context_length, snapshot_revision
+from .base import (
+    ScoringJob,
+    Teacher,
+    TeacherInfo,
+    TeacherOptions,
+    check_token_ids,
+    config_context_length,
+    snapshot_revision,
+)
 from .http_scoring import HTTPClient, RetryPolicy
+
+
+class HTTPTeacherOptions(TeacherOptions):
+    """Options of every backend that scores through a running inference server."""
+
+    uses_server: ClassVar[bool] = True
+    generates_token: ClassVar[bool] = True
+    extra: ClassVar[str] = "http-teacher"
+
+    teacher_url: str = Field(
+        description="The address of the running server it scores through, e.g. http://127.0.0.1:30000 "
+        "(--teacher stays the model directory the server was started from)."
+    )
+    max_concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    timeout_s: float = Field(600.0, gt=0, description="Seconds to wait for one answer before retrying.")
+    teacher_api_key: str | None = Field(None, repr=False, description="Bearer token for the server.")
+
+    def precision(self) -> str:
+        return "server"  # chosen when the server was started
+
+    def load(self, model_dir: str | Path, job: ScoringJob) -> Teacher:
+        return self.teacher_class()(model_dir, temperature=job.temperature, **self.model_dump())
+
+    def teacher_class(self) -> type[HTTPTeacher]:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -99,6 +132,7 @@ class HTTPTeacher:
     """
 
     backend: ClassVar[str] = ""
+    options_class: ClassVar[type[HTTPTeacherOptions]] = HTTPTeacherOptions
     # Appended to the refusal when the server ignores the temperature: how to make it apply it.
     temperature_hint: ClassVar[str] = ""
     # Both SGLang and vLLM refuse an input as long as the context: the server wants room for one
@@ -106,26 +140,17 @@ class HTTPTeacher:
     context_reserve: ClassVar[int] = 1
 
     def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        url: str,
-        temperature: float = 1.0,
-        max_concurrency: int = 8,
-        timeout_s: float = 600.0,
-        retry: RetryPolicy | None = None,
-        api_key: str | None = None,
-        revision: str | None = None,
+        self, model_dir: str | Path, *, retry: RetryPolicy | None = None, revision: str | None = None, **settings: Any
     ) -> None:
-        """`api_key` (default: the LOPD_TEACHER_API_KEY environment variable) is sent as a bearer token."""
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise InvalidInput(f"temperature must be a positive finite number, got {temperature!r}")
-        self.temperature = float(temperature)
+        """`settings`: the fields of the backend's options class and `temperature` (checked, with defaults, there)."""
+        options, job = self.options_class.split(settings)
+        self.options = options
+        self.temperature = job.temperature
         self.local = read_local_model(model_dir)
         self.tokenizer = self.local.tokenizer
         self.http = HTTPClient(
-            url, backend=self.backend, max_concurrency=max_concurrency, timeout_s=timeout_s, retry=retry,
-            api_key=api_key if api_key is not None else os.environ.get("LOPD_TEACHER_API_KEY"),
+            options.teacher_url, backend=self.backend, max_concurrency=options.max_concurrency,
+            timeout_s=options.timeout_s, retry=retry, api_key=options.teacher_api_key,
         )  # fmt: skip
         try:
             facts = self._connect()

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from lopd.errors import InvalidInput, TeacherServerError
 
-from .http_teacher import HTTPTeacher, ServerFacts, finite_float32
+from .http_teacher import HTTPTeacher, HTTPTeacherOptions, ServerFacts, finite_float32
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +63,33 @@ def response_logprobs(
     return finite_float32(values, what=what, record=record)
 
 
+class OpenAIOptions(HTTPTeacherOptions):
+    """The openai backend's options: those of every server-backed backend, and the served model's name."""
+
+    name: ClassVar[str] = "openai"
+    summary: ClassVar[str] = "a running vLLM OpenAI-compatible server at --teacher-url"
+
+    served_model_name: str | None = Field(
+        None, description="The model name the server serves (default: the one GET /v1/models lists)."
+    )
+
+    def teacher_class(self) -> type[HTTPTeacher]:
+        return OpenAITeacher
+
+
 class OpenAITeacher(HTTPTeacher):
     """Scores through a vLLM OpenAI-compatible server; `model_dir` is the directory it was started from."""
 
     backend = "openai"
+    options_class = OpenAIOptions
     temperature_hint = (
         "vLLM returns prompt log-probs before temperature by default (V1, --logprobs-mode raw_logprobs); "
         "score at --temperature 1, or use a server that applies the temperature to prompt log-probs."
     )
 
-    def __init__(self, model_dir: str | Path, *, url: str, model: str | None = None, **kw: Any) -> None:
-        self.model = model
-        super().__init__(model_dir, url=url, **kw)
+    def __init__(self, model_dir: str | Path, **kw: Any) -> None:
+        self.model = kw.get("served_model_name")
+        super().__init__(model_dir, **kw)
 
     def _connect(self) -> ServerFacts:
         listing = self.http.get_json("/v1/models", what="checking the server (GET /v1/models)")

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from lopd.errors import InvalidInput, TeacherServerError
 
-from .http_teacher import HTTPTeacher, ServerFacts, finite_float32
+from .http_teacher import HTTPTeacher, HTTPTeacherOptions, ServerFacts, finite_float32
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +85,25 @@ def response_logprobs(
     return finite_float32([e[0] for e in entries], what=what, record=record)
 
 
+class SGLangOptions(HTTPTeacherOptions):
+    """The sglang backend's options: those of every server-backed backend."""
+
+    name: ClassVar[str] = "sglang"
+    summary: ClassVar[str] = "a running SGLang server at --teacher-url"
+
+    def teacher_class(self) -> type[HTTPTeacher]:
+        return SGLangTeacher
+
+
 class SGLangTeacher(HTTPTeacher):
     """Scores through SGLang's native `/generate`; `model_dir` is the directory the server was started from."""
 
     backend = "sglang"
+    options_class = SGLangOptions
     temperature_hint = (
         "Start the SGLang server with SGLANG_TEMP_SCALED_LOGPROBS=1 so that returned log-probs are scaled by the "
         "request's temperature, or score at --temperature 1."
     )
-
-    def __init__(self, model_dir: str | Path, *, url: str, **kw: Any) -> None:
-        super().__init__(model_dir, url=url, **kw)
 
     def _connect(self) -> ServerFacts:
         response = self.http.request("GET", "/get_model_info", what="checking the server (GET /get_model_info)")

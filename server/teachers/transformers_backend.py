@@ -18,22 +18,78 @@ refuses architectures whose head does something this path does not.
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, cast
 
 import numpy as np
-import torch
+from pydantic import Field
 
 from lopd.errors import InvalidInput
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lopd.server.batching import plan_batches
-from lopd.server.teachers.base import CONTEXT_KEYS, TeacherInfo, check_token_ids, snapshot_revision
+from lopd.server.teachers.base import (
+    CONTEXT_KEYS,
+    ScoringJob,
+    Teacher,
+    TeacherInfo,
+    TeacherOptions,
+    check_token_ids,
+    snapshot_revision,
+)
+
+if TYPE_CHECKING:  # torch is imported where it is used: `lopd --help` must not pay for it
+    import torch
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def _inference_mode(method: F) -> F:
+    """`torch.inference_mode()` as a decorator that imports torch at the first call, not at module import."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return method(*args, **kwargs)
+
+    return cast(F, wrapper)
+
+
+class TransformersOptions(TeacherOptions):
+    """The transformers backend's options (the `lopd` flags of the same names)."""
+
+    name: ClassVar[str] = "transformers"
+    summary: ClassVar[str] = "in this process with Hugging Face transformers (CPU or CUDA)"
+    extra: ClassVar[str] = "teacher"
+
+    device: str = Field("cpu", description="cpu, cuda or cuda:N.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and activations.")
+    head_chunk_bytes: int = Field(
+        256 * 2**20, gt=0, description="Largest slice of LM-head logits held at once, in bytes (bounds peak memory)."
+    )
+    fused_head: bool | None = Field(
+        None, description="Normalise head chunks with torch.compile (default: on CUDA only; checked at load)."
+    )
+
+    def precision(self) -> str:
+        return self.dtype
+
+    def load(self, model_dir: str | Path, job: ScoringJob) -> Teacher:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise InvalidInput(
+                f"the transformers teacher backend needs torch and transformers ({e}); "
+                "install them with: pip install 'lightning-opd[teacher]'"
+            ) from e
+        return TransformersTeacher(model_dir, **job.model_dump(), **self.model_dump())
+
 # Max |head path - full forward| in log-prob units accepted by the load-time self-check. Half
 # precision differs a little between a padded, masked batch and a lone sequence; a missing
 # head transform (scaling, softcapping) differs by far more.
@@ -45,40 +101,25 @@ class TransformersTeacher:
 
     backend = "transformers"
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        device: str = "cpu",
-        dtype: str = "float32",
-        temperature: float = 1.0,
-        max_batch_tokens: int = 16384,
-        max_batch_size: int = 256,
-        head_chunk_bytes: int = 256 * 2**20,
-        revision: str | None = None,
-        fused_head: bool | None = None,
-    ) -> None:
+    def __init__(self, model_dir: str | Path, *, revision: str | None = None, **settings: Any) -> None:
+        """`settings`: the fields of `TransformersOptions` and `ScoringJob` (checked there; defaults there)."""
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if dtype not in _DTYPES:
-            raise InvalidInput(f"dtype {dtype!r} is not supported; choose one of {', '.join(_DTYPES)}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise InvalidInput(f"temperature must be a positive finite number, got {temperature!r}")
-        if head_chunk_bytes <= 0:
-            raise InvalidInput(f"head_chunk_bytes must be positive, got {head_chunk_bytes!r}")
-        plan_batches([], max_batch_tokens, max_batch_size)  # validates the budget arguments early
+        options, job = TransformersOptions.split(settings)
+        dtype, fused_head = options.dtype, options.fused_head
         path = Path(model_dir)
         if not path.is_dir():
             raise InvalidInput(f"model directory {path} does not exist")
 
-        self.temperature = float(temperature)
-        self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
-        self.head_chunk_bytes = head_chunk_bytes
-        self.device = torch.device(device)
+        self.temperature = job.temperature
+        self.max_batch_tokens, self.max_batch_size = job.max_batch_tokens, job.max_batch_size
+        self.head_chunk_bytes = options.head_chunk_bytes
+        self.device = torch.device(options.device)
         fingerprint = model_fingerprint(path)  # first: a clear error for directories that are not models
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[dtype])
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
         except (OSError, ValueError, KeyError) as e:
             raise InvalidInput(f"cannot load {path} as a causal LM with its tokenizer: {e}") from e
         self.model = model.to(self.device).eval()
@@ -154,9 +195,11 @@ class TransformersTeacher:
             )
         return p.astype(np.int64), r.astype(np.int64)
 
-    @torch.inference_mode()
+    @_inference_mode
     def _score_batch(self, records: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Right-pad, run the body once, gather the response-predicting rows, score them."""
+        import torch
+
         width = max(len(p) + len(r) - 1 for p, r in records)
         ids = np.zeros((len(records), width), np.int64)  # pad id is irrelevant: masked and never read
         mask = np.zeros((len(records), width), np.int64)
@@ -182,6 +225,8 @@ class TransformersTeacher:
 
     def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """`target logit - logsumexp` per row, with at most `head_chunk_bytes` of float32 logits alive."""
+        import torch
+
         chunk = max(1, self.head_chunk_bytes // (self._head_rows * 4))
         result = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
@@ -206,9 +251,11 @@ class TransformersTeacher:
             del logits, lse  # else this chunk is still alive while the next one is allocated: 2x the peak
         return result
 
-    @torch.inference_mode()
+    @_inference_mode
     def _self_check(self) -> None:
         """Compare the chunked head path with the model's own forward on fixed, padded records."""
+        import torch
+
         lim = self._id_limit
         seq = [(7 * k + 3) % lim for k in range(12)]
         records = [(np.array(seq[:3]), np.array(seq[3:])), (np.array(seq[5:9]), np.array(seq[9:11]))]
@@ -235,6 +282,8 @@ class TransformersTeacher:
         """Drop the model so its (device) memory can be reclaimed."""
         self.model = self._head = self._body = None  # type: ignore[assignment]
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.empty_cache()
 
 
@@ -247,7 +296,7 @@ def _postprocess(
     if logits_scaling is not None:
         x = x / logits_scaling
     if softcap is not None:
-        x = torch.tanh(x / softcap) * softcap
+        x = (x / softcap).tanh() * softcap
     if temperature != 1.0:
         x = x / temperature
     return x
@@ -264,4 +313,4 @@ def _target_minus_logsumexp(
     """`log_softmax(post(logits) / T)[target]` per row in float32, written for torch.compile to fuse the
     upcast, the post-processing and the logsumexp into one reduction over the low-precision logits."""
     x = _postprocess(logits.float(), logit_scale, logits_scaling, softcap, temperature)
-    return x.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1)
+    return x.gather(1, targets[:, None]).squeeze(1) - x.logsumexp(dim=-1)

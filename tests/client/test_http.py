@@ -11,9 +11,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lopd.client.errors import RemoteInvalidInput, RemoteNotFound, RetryBudgetExhausted, ServerError, Unauthorized
-from lopd.client.http import META_CONTENT_HASH, META_VERSION, StoreClient
-from lopd.errors import InvalidInput, NotFound
+from lopd.client.errors import (
+    RemoteInvalidInput,
+    RemoteNotFound,
+    RemoteUnauthorized,
+    RetryBudgetExhausted,
+    ServerError,
+)
+from lopd.client.http import StoreClient
+from lopd.client.payloads import META_CONTENT_HASH, META_DATASET, META_VERSION
+from lopd.errors import InvalidInput, NotFound, Unauthorized
 from lopd.storage.reader import Store
 
 
@@ -40,7 +47,8 @@ def test_fetch_returns_the_requested_rows_in_order_bit_exact(store_client, serve
     table = store_client.fetch("alpha", indices)
     assert _rows(table) == _rows(expected)
     assert table.schema.metadata[META_CONTENT_HASH] == store_client.manifest("alpha").content_hash.encode()
-    assert table.schema.metadata[META_VERSION] == b"1"
+    assert table.schema.metadata[META_VERSION] == b"1" and table.schema.metadata[META_DATASET] == b"alpha"
+    assert table.column_names == ["sample_id", "prompt_ids", "response_ids", "teacher_logprobs", "rollout_logprobs"]
     # Requests above the per-request limit are split and put back together in order.
     with served.client(max_indices_per_request=4) as small:
         assert _rows(small.fetch("alpha", np.array(indices))) == _rows(expected)
@@ -82,8 +90,10 @@ def test_dataset_names_are_one_path_segment(store_client):
 
 def test_pickled_client_reconnects(served):
     c = StoreClient(served.url, token="t", retries=1)
+    names = [d.name for d in c.datasets()]  # an open connection pool, which cannot be pickled
     clone = pickle.loads(pickle.dumps(c))
-    assert (clone.url, clone.token, clone.retries, clone._client) == (c.url, "t", 1, None)
+    assert (clone.url, clone.token, clone.retries) == (c.url, "t", 1)
+    assert [d.name for d in clone.datasets()] == names
 
 
 # -- retries against scripted failures ---------------------------------------------------------
@@ -159,6 +169,19 @@ def test_exhausted_budget_raises_with_the_last_failure(served):
     assert e2.value.status is None and "ConnectError" in e2.value.message
 
 
+def test_408_429_and_5xx_are_retried_other_4xx_are_not(served):
+    script = [_err(408, "timeout"), _err(429, "busy"), _err(502, "gateway"), _err(503, "down")]
+    client, handler, sleeps = _client(served, script, retries=4, backoff_s=0.001)
+    assert client.manifest("alpha").name == "alpha"
+    assert len(handler.requests) == 5 and len(sleeps) == 4
+    for status in (400, 403, 409, 413, 422):
+        refused, handler2, sleeps2 = _client(served, [_err(status, "no")], backoff_s=0.001)
+        with pytest.raises(ServerError) as e:
+            refused.manifest("alpha")
+        assert e.value.status == status and not isinstance(e.value, RetryBudgetExhausted)
+        assert len(handler2.requests) == 1 and sleeps2 == []
+
+
 def test_client_errors_raise_at_once_with_the_servers_message(served):
     client, handler, sleeps = _client(served, [])
     with pytest.raises(RemoteNotFound, match="no dataset 'nope'"):
@@ -167,8 +190,9 @@ def test_client_errors_raise_at_once_with_the_servers_message(served):
     denied, handler2, _ = _client(
         served, [httpx.Response(401, json={"error": {"type": "unauthorized", "message": "bad token"}})]
     )
-    with pytest.raises(Unauthorized, match="bad token"):
+    with pytest.raises(RemoteUnauthorized, match="bad token") as e:
         denied.datasets()
+    assert isinstance(e.value, Unauthorized) and e.value.status == 401 and e.value.error_type == "unauthorized"
     assert len(handler2.requests) == 1
 
 
@@ -189,7 +213,7 @@ def test_cancel_stops_a_retrying_request(served):
     import threading
     import time
 
-    from lopd.client.errors import Cancelled
+    from lopd.errors import Cancelled
 
     client, handler, _ = _client(served, [httpx.ConnectError("refused")] * 10, retries=5, backoff_s=20)
     stop = threading.Event()

@@ -50,7 +50,7 @@ def test_sampling_is_seeded_and_greedy_takes_the_argmax(policy):
 
 
 def test_fit_lowers_the_loss_on_response_tokens(tmp_path: Path):
-    from lopd.server.tiny_models import build_tiny_model
+    from lopd.testing import build_tiny_model
 
     model, tok = lm.load(build_tiny_model(tmp_path / "m", "llama", seed=0, hidden=32, layers=1, pad_vocab=False))
     examples = [(lm.encode_prompt(tok, f"{i}+{i}="), lm.encode_response(tok, str(2 * i))) for i in range(10, 40)]

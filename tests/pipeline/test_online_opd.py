@@ -9,7 +9,7 @@ import torch
 from lopd.pipeline import lm
 from lopd.pipeline.online_opd import OnlineOPDConfig, train_online_opd
 from lopd.server.teachers.transformers_backend import TransformersTeacher
-from lopd.server.tiny_models import build_tiny_model
+from lopd.testing import build_tiny_model
 
 
 class CountingTeacher:

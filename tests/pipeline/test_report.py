@@ -10,7 +10,7 @@ from lopd.pipeline.report import (
     PipelineReport,
     Point,
     SeedRun,
-    TeacherInfo,
+    TeacherResult,
     check_claims,
     markdown,
     plot,
@@ -37,7 +37,7 @@ def _report(seeds: list[SeedRun], n_test: int = 500) -> PipelineReport:
     summary = summarize(seeds)
     return PipelineReport(
         config=PipelineConfig(test_problems=n_test, seeds=[s.seed for s in seeds]),
-        teachers=[TeacherInfo(style="A", accuracy=0.99, fingerprint="sha256:a")],
+        teachers=[TeacherResult(style="A", accuracy=0.99, fingerprint="sha256:a")],
         seeds=seeds, summary=summary, claims=check_claims(seeds, summary, n_test), environment={}, total_seconds=1.0,
     )  # fmt: skip
 

@@ -10,6 +10,6 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_mistral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Mistral (untied head) with the shared char-level tokenizer."""
-    from lopd.server.tiny_models import build_tiny_model
+    from lopd.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-mistral"), "mistral", seed=4)

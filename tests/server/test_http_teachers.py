@@ -22,17 +22,18 @@ from lopd.cli import app
 from lopd.errors import InvalidInput, TeacherServerError
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lopd.server.precompute import PrecomputeConfig, run_precompute
-from lopd.server.teachers import load_teacher, resolve_backend_options
+from lopd.server.teachers import BACKENDS as REGISTRY
+from lopd.server.teachers import backend_options
 from lopd.server.teachers.http_scoring import RetryPolicy, server_message
 from lopd.server.teachers.http_teacher import HTTPTeacher
-from lopd.server.verify import verify_dataset
+from lopd.server.verify import VerifyConfig, verify_dataset
 from lopd.storage.reader import Store
 from lopd.storage.staging import Staging, list_staging_plans
 from tests.server.test_precompute import write_rollouts
 from tests.utils.inference_server import InferenceServer, closed_port_url, inference_server
 from tests.utils.naive import naive_logprobs
 
-FAST = RetryPolicy(max_attempts=3, backoff_s=0.01, max_backoff_s=0.05)
+FAST = RetryPolicy(retries=2, backoff_s=0.01, max_backoff_s=0.05)
 BACKENDS = ("sglang", "openai")
 
 
@@ -57,7 +58,7 @@ def server(_server: InferenceServer) -> InferenceServer:
 
 def _teacher(backend: str, server: InferenceServer, **kw) -> HTTPTeacher:
     kw.setdefault("retry", FAST)
-    return load_teacher(backend, server.model_dir, url=server.url, **kw)  # type: ignore[return-value]
+    return REGISTRY[backend]().teacher_class()(server.model_dir, teacher_url=server.url, **kw)  # type: ignore[call-arg]
 
 
 def _records(n: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
@@ -176,8 +177,13 @@ def test_concurrency_is_bounded(server, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "fault",
-    [{"drop_first": 2}, {"fail_first": 2, "fail_status": 503}, {"fail_first": 2, "fail_status": 429}],
-    ids=["dropped-connection", "503", "429"],
+    [
+        {"drop_first": 2},
+        {"fail_first": 2, "fail_status": 503},
+        {"fail_first": 2, "fail_status": 429},
+        {"fail_first": 2, "fail_status": 408},
+    ],
+    ids=["dropped-connection", "503", "429", "408"],
 )
 def test_transient_failures_are_retried_with_identical_results(server, backend, fault):
     teacher = _teacher(backend, server, max_concurrency=1)
@@ -191,12 +197,21 @@ def test_transient_failures_are_retried_with_identical_results(server, backend, 
 
 
 def test_retry_after_is_honoured(server):
-    teacher = _teacher("sglang", server, retry=RetryPolicy(max_attempts=3, backoff_s=0.001))
+    teacher = _teacher("sglang", server, retry=RetryPolicy(retries=2, backoff_s=0.001))
     server.reset(fail_first=1, fail_status=429, retry_after="1")
     start = time.perf_counter()
     teacher.score([[5, 6]], [[7]])
     teacher.close()
     assert time.perf_counter() - start >= 0.95 and server.scoring_requests == 2
+
+
+def test_retry_after_is_capped(server):
+    teacher = _teacher("sglang", server, retry=RetryPolicy(retries=2, backoff_s=0.001, max_retry_after_s=0.05))
+    server.reset(fail_first=1, fail_status=503, retry_after="3600")
+    start = time.perf_counter()
+    teacher.score([[5, 6]], [[7]])
+    teacher.close()
+    assert time.perf_counter() - start < 5 and server.scoring_requests == 2
 
 
 def test_retries_are_bounded(server):
@@ -273,11 +288,11 @@ def test_an_openai_answer_without_the_actual_token_is_refused(server):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_unreachable_server_fails_clearly(tiny_llama_dir, backend):
-    retry = RetryPolicy(max_attempts=2, backoff_s=0.01)
+    retry = RetryPolicy(retries=1, backoff_s=0.01)
     with pytest.raises(
         TeacherServerError, match=rf"failed 2 attempts .*ConnectError.* Is the {backend} server running"
     ):
-        load_teacher(backend, tiny_llama_dir, url=closed_port_url(), retry=retry)
+        REGISTRY[backend].model_construct().teacher_class()(tiny_llama_dir, teacher_url=closed_port_url(), retry=retry)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,25 +305,26 @@ def test_a_temperature_the_server_ignores_is_refused(server, backend):
 
 def test_an_unknown_served_model_is_refused(server):
     with pytest.raises(InvalidInput, match="does not serve 'other'; it serves: teacher"):
-        _teacher("openai", server, model="other")
+        _teacher("openai", server, served_model_name="other")
 
 
 def test_backend_options_are_checked():
-    assert resolve_backend_options("transformers") == ("cpu", "float32")
-    assert resolve_backend_options("sglang", teacher_url="http://h:1") == (None, "server")
-    for kw, problem in [
-        ({"backend": "sglang"}, "pass its address with --teacher-url"),
-        ({"backend": "transformers", "teacher_url": "http://h:1"}, "--teacher-url only applies"),
-        ({"backend": "openai", "teacher_url": "http://h:1", "device": "cuda"}, "--device does not apply"),
-        ({"backend": "sglang", "teacher_url": "http://h:1", "dtype": "bfloat16"}, "--dtype does not apply"),
-        ({"backend": "transformers", "gpu_memory_utilization": 0.5}, "only applies to --backend vllm"),
-        (
-            {"backend": "sglang", "teacher_url": "http://h:1", "served_model_name": "x"},
-            "only applies to --backend openai",
-        ),
+    plain = backend_options("transformers")
+    assert (plain.name, plain.device, plain.precision()) == ("transformers", "cpu", "float32")
+    served = backend_options("sglang", {"teacher_url": "http://h:1"})
+    assert (served.name, served.precision(), served.max_concurrency) == ("sglang", "server", 8)
+    for name, kw, problem in [
+        ("sglang", {}, "--backend sglang needs --teacher-url: the address of the running server"),
+        ("transformers", {"teacher_url": "http://h:1"}, "--teacher-url only applies to --backend sglang or openai"),
+        ("openai", {"teacher_url": "http://h:1", "device": "cuda"}, "--device only applies to --backend transformers"),
+        ("sglang", {"teacher_url": "http://h:1", "dtype": "bfloat16"}, "--dtype only applies to --backend transformers or vllm"),
+        ("transformers", {"gpu_memory_utilization": 0.5}, "only applies to --backend vllm"),
+        ("sglang", {"teacher_url": "http://h:1", "served_model_name": "x"}, "only applies to --backend openai"),
+        ("sglang", {"teacher_url": "http://h:1", "max_concurrency": 0}, "--max-concurrency: Input should be greater"),
+        ("vllm-nope", {}, "unknown teacher backend 'vllm-nope'; available backends: transformers, vllm, sglang, openai"),
     ]:
         with pytest.raises(InvalidInput, match=problem):
-            resolve_backend_options(**kw)
+            backend_options(name, kw)
 
 
 def test_error_messages_are_read_from_every_servers_shape():
@@ -361,7 +377,8 @@ def test_precompute_through_the_cli_equals_the_transformers_store(
     prov = Store(tmp_path / "store").open("ds").manifest.provenance
     assert (prov.backend, prov.dtype, prov.consistency.verdict) == (backend, "server", "consistent")
     # and the server confirms the transformers store (lopd verify against another backend)
-    report = verify_dataset(reference, "ds", tiny_llama_dir, samples=5, backend=backend, teacher_url=server.url)
+    options = backend_options(backend, {"teacher_url": server.url})
+    report = verify_dataset(VerifyConfig(store=reference, dataset="ds", teacher=tiny_llama_dir, samples=5, backend=options))
     assert report.passed and report.max_abs_diff < 1e-4
 
 
@@ -369,7 +386,8 @@ def test_a_failed_part_writes_nothing_and_the_rerun_resumes(tmp_path, server, ti
     rollouts, reference = reference_store
     cfg = PrecomputeConfig(
         rollouts=[rollouts], teacher=tiny_llama_dir, sft_teacher=str(tiny_llama_dir), store=tmp_path / "store",
-        dataset="ds", samples_per_part=4, progress=False, backend="sglang", teacher_url=server.url, max_concurrency=1,
+        dataset="ds", samples_per_part=4, progress=False,
+        backend=backend_options("sglang", {"teacher_url": server.url, "max_concurrency": 1}),
     )  # fmt: skip
     # requests: the load probe, part 0 (r0000-r0003), then r0004; r0005 is refused
     server.reset(refuse_from=6)
@@ -388,10 +406,10 @@ def test_another_backend_does_not_resume_these_parts(tmp_path, server, tiny_llam
     rollouts, _ = reference_store
     common = dict(
         rollouts=[rollouts], teacher=tiny_llama_dir, sft_teacher=str(tiny_llama_dir), store=tmp_path / "store",
-        dataset="ds", samples_per_part=4, progress=False, teacher_url=server.url, publish=False,
+        dataset="ds", samples_per_part=4, progress=False, publish=False,
     )  # fmt: skip
-    first = run_precompute(PrecomputeConfig(backend="sglang", **common))
-    second = run_precompute(PrecomputeConfig(backend="openai", **common))
+    first = run_precompute(PrecomputeConfig(backend={"name": "sglang", "teacher_url": server.url}, **common))
+    second = run_precompute(PrecomputeConfig(backend={"name": "openai", "teacher_url": server.url}, **common))
     assert first.run_key != second.run_key and second.parts_scored == 3  # scored again, not mixed in
 
 

@@ -11,10 +11,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from lopd.cli.store import export_command, import_command
 from lopd.errors import InvalidInput
 from lopd.fingerprint import tokenizer_fingerprint
-from lopd.server.interop import export_lightning_opd, import_lightning_opd
-from lopd.server.interop_command import export, import_
+from lopd.storage.interop import export_lightning_opd, import_lightning_opd
 from lopd.storage.manifest import Manifest
 from lopd.storage.reader import Store
 from tests.utils.factories import OTHER_FP, TEACHER_FP, provenance, publish_samples
@@ -208,8 +208,8 @@ def test_import_without_sample_id_numbers_rows_across_files(tmp_path: Path, toke
 
 def _cli() -> typer.Typer:
     app = typer.Typer(pretty_exceptions_enable=False)
-    app.command("export")(export)
-    app.command("import")(import_)
+    app.command("export")(export_command)
+    app.command("import")(import_command)
     return app
 
 

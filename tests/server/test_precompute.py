@@ -151,7 +151,7 @@ def test_teacher_mismatch_allowed_is_marked_inconsistent(tmp_path, rollouts_file
 
 
 def test_tokenizer_mismatch_is_refused(tmp_path, rollouts_file, tiny_llama_dir):
-    from lopd.server.tiny_models import build_tokenizer
+    from lopd.testing import build_tokenizer
 
     other = build_tokenizer()
     other.add_tokens(["<extra>"])  # one more id than the teacher knows
@@ -211,10 +211,10 @@ def test_rollout_policy_fills_missing_rollout_logprobs(tmp_path, rollouts_file, 
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-def test_sharded_workers_build_the_same_dataset_as_one_worker(tmp_path, rollouts_file, tiny_llama_dir):
+def test_many_workers_build_the_same_dataset_as_one_worker(tmp_path, rollouts_file, tiny_llama_dir):
     single = run_precompute(_cfg(tmp_path / "one", rollouts_file, tiny_llama_dir)).manifest
     results = [
-        run_precompute(_cfg(tmp_path / "many", rollouts_file, tiny_llama_dir, num_shards=3, shard_index=k))
+        run_precompute(_cfg(tmp_path / "many", rollouts_file, tiny_llama_dir, num_workers=3, worker_index=k))
         for k in (2, 0, 1)
     ]
     assert [r.status for r in results] == ["waiting_for_workers", "waiting_for_workers", "published"]
@@ -225,7 +225,7 @@ def test_sharded_workers_build_the_same_dataset_as_one_worker(tmp_path, rollouts
 
 
 def test_resume_with_a_smaller_batch_budget_after_a_partial_run(tmp_path, rollouts_file, tiny_llama_dir):
-    first = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir, num_shards=2, shard_index=0, publish=False))
+    first = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir, num_workers=2, worker_index=0, publish=False))
     assert first.status == "waiting_for_workers"
     final = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir, max_batch_tokens=64))
     assert final.status == "published" and final.parts_scored == 2

@@ -24,7 +24,7 @@ from lopd.server.rollouts import (
     rollout_files_fingerprint,
     scan_rollouts,
 )
-from lopd.server.tiny_models import build_tokenizer
+from lopd.testing import build_tokenizer
 
 MAX_CONTEXT = 64
 

@@ -14,7 +14,7 @@ import torch
 import lopd.server.teachers.transformers_backend as backend_mod
 from lopd.errors import InvalidInput
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
-from lopd.server.teachers import Teacher, load_teacher
+from lopd.server.teachers import Teacher, backend_options, load_teacher
 from lopd.server.teachers.transformers_backend import TransformersTeacher
 from tests.utils.naive import naive_logprobs
 
@@ -136,8 +136,8 @@ def test_revision_is_read_from_a_hub_snapshot(tiny_llama_dir: Path, tmp_path: Pa
     commit = "0123456789abcdef0123456789abcdef01234567"
     snapshot = tmp_path / "models--org--tiny" / "snapshots" / commit
     shutil.copytree(tiny_llama_dir, snapshot)
-    assert load_teacher("transformers", snapshot).info.revision == commit
-    assert load_teacher("transformers", snapshot, revision="main").info.revision == "main"
+    assert load_teacher(backend_options("transformers"), snapshot).info.revision == commit
+    assert TransformersTeacher(snapshot, revision="main").info.revision == "main"
 
 
 @pytest.mark.parametrize(
@@ -159,13 +159,17 @@ def test_invalid_records(llama_teacher: TransformersTeacher, prompts: Any, respo
 
 def test_invalid_settings(tiny_llama_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="available backends: transformers"):
-        load_teacher("vllm-nope", tiny_llama_dir)
+        backend_options("vllm-nope")
     with pytest.raises(InvalidInput, match="float32"):
         TransformersTeacher(tiny_llama_dir, dtype="int8")
     with pytest.raises(InvalidInput, match="temperature"):
         TransformersTeacher(tiny_llama_dir, temperature=0.0)
-    with pytest.raises(ValueError, match="max_tokens"):
+    with pytest.raises(InvalidInput, match="--max-batch-tokens: Input should be greater than or equal to 1"):
         TransformersTeacher(tiny_llama_dir, max_batch_tokens=0)
+    with pytest.raises(InvalidInput, match="--head-chunk-bytes"):
+        TransformersTeacher(tiny_llama_dir, head_chunk_bytes=0)
+    with pytest.raises(InvalidInput, match="--tensor-parallel-size is not an option"):
+        TransformersTeacher(tiny_llama_dir, tensor_parallel_size=2)
     with pytest.raises(InvalidInput, match="does not exist"):
         TransformersTeacher(tmp_path / "missing")
     with pytest.raises(InvalidInput, match="no config.json"):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from lopd.server.precompute import PrecomputeConfig, run_precompute
-from lopd.server.verify import verify_dataset
+from lopd.server.verify import VerifyConfig, verify_dataset
 from tests.server.test_precompute import write_rollouts
 
 
@@ -25,18 +25,18 @@ def scored_store(tmp_path_factory, tiny_llama_dir):
 
 
 def test_the_scoring_teacher_reproduces_the_store(scored_store, tiny_llama_dir):
-    report = verify_dataset(scored_store, "t1", tiny_llama_dir, samples=10)
+    report = verify_dataset(VerifyConfig(store=scored_store, dataset="t1", teacher=tiny_llama_dir, samples=10))
     assert report.passed and report.fingerprint_matches
     assert report.samples == 10 and report.tokens > 0 and report.max_abs_diff < 1e-4
 
 
 def test_the_manifest_temperature_is_used(scored_store, tiny_llama_dir):
-    report = verify_dataset(scored_store, "t07", tiny_llama_dir, samples=10)
+    report = verify_dataset(VerifyConfig(store=scored_store, dataset="t07", teacher=tiny_llama_dir, samples=10))
     assert report.passed and report.max_abs_diff < 1e-4
 
 
 def test_another_teacher_is_caught(scored_store, tiny_llama_b_dir):
-    report = verify_dataset(scored_store, "t1", tiny_llama_b_dir, samples=10)
+    report = verify_dataset(VerifyConfig(store=scored_store, dataset="t1", teacher=tiny_llama_b_dir, samples=10))
     assert not report.passed and not report.fingerprint_matches
     assert report.max_abs_diff > 0.1
 

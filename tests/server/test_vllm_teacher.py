@@ -264,10 +264,11 @@ def test_refusals_come_before_vllm_is_needed(tmp_path: Path, tiny_llama_dir: Pat
     for kw, match in (
         ({"temperature": 0.5}, "cannot score at temperature 0.5"),
         ({"dtype": "int8"}, "dtype 'int8'"),
-        ({"gpu_memory_utilization": 1.0}, "gpu_memory_utilization"),
-        ({"max_model_len": 0}, "max_model_len"),
-        ({"tensor_parallel_size": 1.5}, "tensor_parallel_size"),
-        ({"max_batch_tokens": 0}, "max_tokens"),
+        ({"gpu_memory_utilization": 1.0}, "--gpu-memory-utilization: Input should be less than 1"),
+        ({"max_model_len": 0}, "--max-model-len: Input should be greater than or equal to 1"),
+        ({"tensor_parallel_size": 1.5}, "--tensor-parallel-size"),
+        ({"max_batch_tokens": 0}, "--max-batch-tokens"),
+        ({"device": "cuda"}, "--device is not an option"),
     ):
         with pytest.raises((InvalidInput, ValueError), match=match):
             VLLMTeacher(tiny_llama_dir, **kw)
@@ -438,7 +439,7 @@ def test_an_engine_that_answers_for_other_tokens_is_refused_at_load(
 @pytest.fixture(scope="module")
 def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama with a 64-wide head (vLLM's attention kernels do not all take the default 16-wide one)."""
-    from lopd.server.tiny_models import build_tiny_model
+    from lopd.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-vllm"), "llama", seed=1, hidden=256)
 

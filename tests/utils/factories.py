@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from lopd.storage.manifest import Consistency, Manifest, ModelRef, Provenance, RolloutSource
-from lopd.storage.publish import publish
 from lopd.storage.schema import build_table
-from lopd.storage.staging import RunPlan, Staging, plan_parts
+from lopd.storage.staging import RunPlan, Staging
+from lopd.storage.writer import write_run
 
 TEACHER_FP = "sha256:" + "a" * 64
 OTHER_FP = "sha256:" + "b" * 64
@@ -53,16 +54,22 @@ def random_samples(n: int, seed: int = 0, vocab: int = 1000) -> dict[str, list]:
 def make_plan(
     samples: dict[str, list], *, run_key: str, dataset: str, per_part: int, skipped=(), prov: Provenance | None = None
 ) -> RunPlan:
-    prov = prov if prov is not None else provenance()
-    return RunPlan(
+    return RunPlan.build(
         run_key=run_key,
         dataset=dataset,
+        sample_ids=samples["ids"],
         samples_per_part=per_part,
-        num_samples=len(samples["ids"]),
         input_records=len(samples["ids"]) + len(skipped),
-        parts=plan_parts(samples["ids"], per_part),
-        skipped=list(skipped),
-        provenance=prov,
+        skipped=skipped,
+        provenance=prov if prov is not None else provenance(),
+    )
+
+
+def part_table(plan: RunPlan, samples: dict[str, list], index: int) -> pa.Table:
+    """The table of part `index` of `plan` (samples in the `random_samples` layout)."""
+    s = plan.part_rows(index)
+    return build_table(
+        samples["ids"][s], samples["prompts"][s], samples["responses"][s], samples["teacher"][s], samples["rollout"][s]
     )
 
 
@@ -70,15 +77,7 @@ def write_parts(staging: Staging, plan: RunPlan, samples: dict[str, list], only:
     for part in plan.parts:
         if only is not None and part.index not in only:
             continue
-        s = slice(part.index * plan.samples_per_part, part.index * plan.samples_per_part + part.num_samples)
-        table = build_table(
-            samples["ids"][s],
-            samples["prompts"][s],
-            samples["responses"][s],
-            samples["teacher"][s],
-            samples["rollout"][s],
-        )
-        staging.write_part(part.index, table, plan.provenance.teacher.fingerprint)
+        staging.write_part(part.index, part_table(plan, samples, part.index), plan.provenance.teacher.fingerprint)
 
 
 def publish_samples(
@@ -94,10 +93,7 @@ def publish_samples(
     """Stage, write and publish `samples` (the `random_samples` layout) as a new dataset version."""
     run_key = run_key if run_key is not None else dataset.encode().hex().ljust(64, "0")[:64]
     plan = make_plan(samples, run_key=run_key, dataset=dataset, per_part=per_part, skipped=skipped, prov=prov)
-    staging = Staging(store, dataset, run_key)
-    plan = staging.open(plan)
-    write_parts(staging, plan, samples)
-    return publish(staging, plan)
+    return write_run(store, plan, lambda part: part_table(plan, samples, part.index))
 
 
 def build_dataset(

@@ -1,24 +1,18 @@
-"""`lopd export` and `lopd import`: the reference Lightning-OPD (slime) Parquet layout.
-
-Thin wrappers over `lopd.server.interop`; pyarrow, transformers and the store are imported inside
-the commands so that `lopd --help` stays light.
-"""
+"""`lopd stats`, `export` and `import`: reading a store, and moving datasets in and out of it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
-from lopd.errors import InvalidInput, LopdError
+from lopd.errors import InvalidInput
+
+from .params import cli_errors, fail
 
 FORMATS = ("lightning-opd",)
-
-
-def _fail(err: Exception) -> NoReturn:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 def _check_format(fmt: str) -> None:
@@ -36,7 +30,36 @@ def _load_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def export(
+def stats_command(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    dataset: Annotated[str, typer.Option(help="Dataset name.")],
+    version: Annotated[int | None, typer.Option(help="Version (default: latest).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    verify: Annotated[bool, typer.Option(help="Check every file's sha256 against the manifest first.")] = True,
+) -> None:
+    """Coverage and consistency of a dataset (DuckDB over its parts)."""
+    try:
+        from lopd.storage import stats as st
+        from lopd.storage.reader import Store
+    except ImportError as e:
+        fail(f"`lopd stats` needs DuckDB: pip install 'lightning-opd[store]' ({e})")
+    with cli_errors():
+        cov = st.coverage(store, dataset, version)
+        con = None
+        if cov.version is not None:
+            if verify:
+                Store(store).open(dataset, cov.version, verify=True)
+            con = st.consistency(store, dataset, cov.version)
+    if as_json:
+        out = {"coverage": cov.model_dump(mode="json"), "consistency": con.model_dump(mode="json") if con else None}
+        typer.echo(json.dumps(out, indent=2))
+        return
+    from lopd.stats_text import render_text
+
+    typer.echo(render_text(cov, con))
+
+
+def export_command(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
@@ -45,17 +68,15 @@ def export(
     version: Annotated[int | None, typer.Option(help="Version (default: latest).")] = None,
 ) -> None:
     """Export a dataset version in the reference Lightning-OPD (slime) Parquet layout."""
-    try:
+    with cli_errors():
         _check_format(fmt)
         from lopd.server.interop import export_lightning_opd
 
         n = export_lightning_opd(store, dataset, out, _load_tokenizer(tokenizer), version=version)
-    except LopdError as e:
-        _fail(e)
     typer.echo(f"exported {n} samples of {dataset!r} to {out}")
 
 
-def import_(
+def import_command(
     paths: Annotated[list[Path], typer.Argument(help="Parquet files in the reference Lightning-OPD layout.")],
     store: Annotated[Path, typer.Option(help="Store directory (created if missing).")],
     dataset: Annotated[str, typer.Option(help="Dataset name inside the store.")],
@@ -69,7 +90,7 @@ def import_(
     ] = None,
 ) -> None:
     """Import reference Lightning-OPD (slime) Parquet files as a new dataset version."""
-    try:
+    with cli_errors():
         _check_format(fmt)
         from lopd.server.interop import import_lightning_opd
 
@@ -81,7 +102,5 @@ def import_(
             teacher_fingerprint=teacher_fingerprint,
             sft_teacher_fingerprint=sft_teacher_fingerprint,
         )
-    except LopdError as e:
-        _fail(e)
     verdict = m.provenance.consistency.verdict
     typer.echo(f"imported: {m.name} v{m.version}: {m.num_samples} samples (teacher consistency: {verdict})")

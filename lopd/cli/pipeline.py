@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from .config import PipelineConfig
+from lopd.pipeline.config import PipelineConfig
 
 app = typer.Typer(help="The paper's pipeline, one stage at a time (see `lopd demo` for all of them).")
 
@@ -30,13 +30,13 @@ HELD_OUT = _D.test_problems  # the evaluation set every training-side stage excl
 
 def _problems(n: int, digits: int, seed: int) -> list:
     """Training-side problems: seeded, never among the held-out evaluation problems."""
-    from .task import held_out_problems, make_problems
+    from lopd.pipeline.task import held_out_problems, make_problems
 
     return make_problems(n, digits, seed=seed, exclude=held_out_problems(HELD_OUT, digits))
 
 
 @app.command("train-teacher")
-def train_teacher_cmd(
+def train_teacher_command(
     out: Annotated[Path, typer.Argument(help="Directory for the teacher (Hugging Face format).")],
     style: Annotated[str, typer.Option(help="Solution style: A or B.")] = "A",
     problems: Annotated[int, typer.Option(help="Training problems.")] = _D.train_problems,
@@ -47,9 +47,9 @@ def train_teacher_cmd(
     seed: Seed = 1,
 ) -> None:
     """Train a teacher on worked solutions in one style."""
-    from . import lm
-    from .config import ModelSize
-    from .stages import train_teacher
+    from lopd.pipeline import lm
+    from lopd.pipeline.config import ModelSize
+    from lopd.pipeline.stages import train_teacher
 
     if style not in ("A", "B"):
         raise typer.BadParameter(f"--style must be A or B, got {style!r}")
@@ -61,7 +61,7 @@ def train_teacher_cmd(
 
 
 @app.command("sft-data")
-def sft_data_cmd(
+def sft_data_command(
     teacher: Annotated[Path, typer.Argument(help="The teacher that writes the SFT data.")],
     out: Annotated[Path, typer.Argument(help="JSONL to write (prompt_ids, response_ids); provenance beside it.")],
     problems: Annotated[int, typer.Option(help="Problems to solve.")] = _D.sft_examples,
@@ -70,14 +70,14 @@ def sft_data_cmd(
     max_new_tokens: MaxNew = _D.max_new_tokens,
 ) -> None:
     """Sample SFT data from a teacher and record which teacher it was."""
-    from .stages import generate_sft_data
+    from lopd.pipeline.stages import generate_sft_data
 
     generate_sft_data(teacher, _problems(problems, digits, 1), out, seed=seed, max_new_tokens=max_new_tokens)
     typer.echo(f"SFT data in {out}")
 
 
 @app.command("sft")
-def sft_cmd(
+def sft_command(
     sft_data: Annotated[Path, typer.Argument(help="SFT data JSONL (from `sft-data`, or your own).")],
     out: Annotated[Path, typer.Argument(help="Directory for the student checkpoint.")],
     hidden: Annotated[int, typer.Option(help="Hidden size.")] = _D.student.hidden,
@@ -86,9 +86,9 @@ def sft_cmd(
     seed: Seed = 100,
 ) -> None:
     """Fine-tune a fresh student on SFT data (its provenance is copied into the checkpoint)."""
-    from . import lm
-    from .config import ModelSize
-    from .stages import sft_student
+    from lopd.pipeline import lm
+    from lopd.pipeline.config import ModelSize
+    from lopd.pipeline.stages import sft_student
 
     fit = lm.FitConfig(steps=steps, batch_size=_D.fit_batch_size, lr=_D.fit_lr, seed=seed)
     sft_student(sft_data, out, ModelSize(hidden=hidden, layers=layers), fit)
@@ -96,7 +96,7 @@ def sft_cmd(
 
 
 @app.command("rollouts")
-def rollouts_cmd(
+def rollouts_command(
     policy: Annotated[Path, typer.Argument(help="The policy to sample (the SFT student).")],
     out: Annotated[Path, typer.Argument(help="JSONL for `lopd precompute` (ids as sampled + rollout_logprobs).")],
     problems: Annotated[int, typer.Option(help="Prompts to sample.")] = _D.rollouts,
@@ -105,14 +105,14 @@ def rollouts_cmd(
     max_new_tokens: MaxNew = _D.max_new_tokens,
 ) -> None:
     """Sample one rollout per prompt from a policy, with its log-probs."""
-    from .stages import sample_rollouts
+    from lopd.pipeline.stages import sample_rollouts
 
     sample_rollouts(policy, _problems(problems, digits, 1000 + seed), out, seed=seed, max_new_tokens=max_new_tokens)
     typer.echo(f"rollouts in {out}")
 
 
 @app.command("online-opd")
-def online_opd_cmd(
+def online_opd_command(
     student: Annotated[Path, typer.Argument(help="The SFT student to start from.")],
     teacher: Annotated[Path, typer.Argument(help="The live teacher.")],
     out: Annotated[Path, typer.Argument(help="Directory for the trained student.")],
@@ -125,10 +125,9 @@ def online_opd_cmd(
     max_new_tokens: MaxNew = _D.max_new_tokens,
 ) -> None:
     """Standard online OPD: sample from the student and score with the live teacher at every step."""
+    from lopd.pipeline import lm
+    from lopd.pipeline.online_opd import OnlineOPDConfig, train_online_opd
     from lopd.server.teachers.transformers_backend import TransformersTeacher
-
-    from . import lm
-    from .online_opd import OnlineOPDConfig, train_online_opd
 
     live = TransformersTeacher(teacher)
     prompts = [lm.encode_prompt(live.tokenizer, p.prompt) for p in _problems(problems, digits, 1000 + seed)]
@@ -138,7 +137,7 @@ def online_opd_cmd(
 
 
 @app.command("evaluate")
-def evaluate_cmd(
+def evaluate_command(
     student: Annotated[Path, typer.Argument(help="The model to evaluate.")],
     teacher: Annotated[Path, typer.Argument(help="The teacher the reverse KL is measured against.")],
     problems: Annotated[int, typer.Option(help="Held-out problems.")] = HELD_OUT,
@@ -148,11 +147,10 @@ def evaluate_cmd(
     max_new_tokens: MaxNew = _D.max_new_tokens,
 ) -> None:
     """Held-out greedy accuracy and reverse KL to the teacher on the model's own samples (JSON)."""
+    from lopd.pipeline import lm
+    from lopd.pipeline.evaluate import evaluate
+    from lopd.pipeline.task import held_out_problems
     from lopd.server.teachers.transformers_backend import TransformersTeacher
-
-    from . import lm
-    from .evaluate import evaluate
-    from .task import held_out_problems
 
     model, tok = lm.load(student)
     result = evaluate(
@@ -163,12 +161,12 @@ def evaluate_cmd(
 
 
 @app.command("report")
-def report_cmd(
+def report_command(
     run_dir: Annotated[Path, typer.Argument(help="A `lopd demo` run directory (holds results.json).")],
 ) -> None:
     """Recompute the summary and claims from results.json's measurements; rewrite it, results.md and results.png."""
-    from .report import PipelineReport, derive, markdown, plot
-    from .run import RESULTS_JSON, RESULTS_MD, RESULTS_PNG
+    from lopd.pipeline.report import PipelineReport, derive, markdown, plot
+    from lopd.pipeline.run import RESULTS_JSON, RESULTS_MD, RESULTS_PNG
 
     path = run_dir / RESULTS_JSON
     if not path.is_file():

@@ -1,0 +1,69 @@
+"""`TrainConfig`: the reference trainer's settings, declared once (no torch: `lopd --help` stays light).
+
+Every field is a `lopd train` flag and a `LOPD_<FIELD>` variable (`LOPD_TOKEN` for the server's
+bearer token); the whole config, less the token, is saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from lopd.config import LopdSettings
+
+
+class TrainConfig(LopdSettings):
+    """Everything a run depends on; saved in every checkpoint."""
+
+    url: str = Field(description="Base URL of a `lopd serve` endpoint, e.g. http://host:8000.")
+    dataset: str = Field(description="Dataset name on the server.")
+    student: Path = Field(description="Student model directory (Hugging Face format, with tokenizer).")
+    out: Path = Field(description="Run directory: checkpoint.pt, metrics.csv, model/.")
+    steps: int = Field(100, ge=1, description="Optimizer steps to train to (counted from the run's start).")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup steps.")
+    max_grad_norm: float | None = Field(1.0, description="Gradient-norm clipping (0: off).")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N.")
+    seed: int = Field(0, description="Seed of the data order and of torch.")
+    version: int | None = Field(None, ge=1, description="Dataset version (default: the latest, pinned).")
+    sft_teacher: str | None = Field(
+        None, description="Fingerprint (or directory) of the model that generated the student's SFT data."
+    )
+    allow_inconsistent: bool = Field(False, description="Train even if teacher or tokenizer consistency fails.")
+    resume: bool = Field(False, description="Continue the run saved in --out.")
+    token: str | None = Field(None, repr=False, description="Bearer token for the server (or set LOPD_TOKEN).")
+    log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
+    prefetch: int = Field(4, ge=0, description="Batches fetched ahead of the trainer.")
+    clip_eps_low: float = Field(0.2, ge=0, description="PPO ratio clipping epsilon below 1.")
+    clip_eps_high: float = Field(0.2, ge=0, description="PPO ratio clipping epsilon above 1.")
+    tis_cap: float | None = Field(
+        None, gt=0, description="Truncated importance weight cap over rollout log-probs (off by default)."
+    )
+    # "rollout": the stored rollout log-probs are the PPO old log-probs, a trust region around the
+    # policy that sampled the data, which many passes over the same rollouts need (rows without
+    # rollout log-probs get ratio 1). "current": the policy before this step, ratio 1, the plain
+    # policy gradient.
+    ratio_reference: Literal["rollout", "current"] = Field(
+        "rollout", description="PPO ratio against the rollout policy (stored log-probs) or the current policy."
+    )
+    normalize: Literal["token", "sequence"] = Field("token", description="Loss mean over tokens or over sequences.")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (out/tensorboard).")
+    wandb: bool = Field(False, description="Also log to Weights & Biases.")
+    wandb_project: str = Field("lightning-opd", description="Weights & Biases project.")
+    retries: int = Field(5, ge=0, description="Retries of a failed request to the server.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for the server's answer.")
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _zero_is_off(cls, value: float | None) -> float | None:
+        return value or None
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as saved in checkpoints and logged to trackers: everything but the token."""
+        return self.model_dump(mode="json", exclude={"token"})

@@ -1,0 +1,241 @@
+"""What the vllm backend asks of vLLM and reads back, as pure functions (no vLLM, no torch; tested on CPU).
+
+The request (`build_request`, `sampling_kwargs`, `engine_kwargs`), the reading of prompt
+log-probs in both of vLLM's forms (`response_logprobs`), and the memory arithmetic that bounds
+`max_num_batched_tokens` (`prompt_logprob_token_budget`). Why each is the way it is: the
+`vllm_backend` module docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import math
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lopd.errors import InvalidInput, TeacherServerError
+
+log = logging.getLogger(__name__)
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Share of the memory outside vLLM's budget, `(1 - gpu_memory_utilization) * total`, that the prompt-logprob
+# transient may take; the rest is for the CUDA context, CUDA-graph pools, NCCL buffers and fragmentation.
+TRANSIENT_SHARE = 0.5
+# Below this many tokens a step, prefill is so fragmented that scoring would crawl: refuse instead.
+MIN_BATCH_TOKENS = 256
+# Engines keep room for the one token they generate: a record may use the context minus this.
+CONTEXT_RESERVE = 1
+GiB = 2**30
+
+
+# ------------------------------------------------------------------ pure pieces (tested on CPU)
+
+
+def check_temperature(temperature: float) -> float:
+    """The temperature as a float when this backend can score at it (only 1), else `InvalidInput` saying why."""
+    if isinstance(temperature, bool) or not (
+        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+    ):
+        raise InvalidInput(f"temperature must be a positive finite number, got {temperature!r}")
+    if float(temperature) != 1.0:
+        raise InvalidInput(
+            f"the vllm backend cannot score at temperature {temperature:g}: vLLM computes prompt log-probs from "
+            "the raw logits (T = 1) whatever the request's temperature, and its logprobs_mode "
+            "'processed_logprobs' applies to sampled tokens only (vLLM issue #35832, PR #47680), so the store "
+            "would hold T = 1 values labelled T = "
+            f"{temperature:g}. Score at --temperature 1, or use --backend transformers for T != 1"
+        )
+    return 1.0
+
+
+def prompt_logprob_bytes_per_token(vocab_size: int, dtype: str) -> int:
+    """GPU bytes per scheduled prompt token at the peak of vLLM's prompt-logprob computation.
+
+    Over the full vocabulary: the logits in the model's dtype and the float32 log-probs, plus the
+    larger of the float32 copy `log_softmax(dtype=float32)` takes of bfloat16 logits (CUDA float16
+    and float32 are read as they are) and the one-byte mask of the rank computation
+    (`(logprobs >= logprob of the actual token).sum()`), which comes after the copy is freed.
+    """
+    if dtype not in DTYPE_BYTES:
+        raise InvalidInput(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPE_BYTES)}")
+    cast_copy = 4 if dtype == "bfloat16" else 0
+    return int(vocab_size) * (DTYPE_BYTES[dtype] + 4 + max(cast_copy, 1))
+
+
+def transient_target_bytes(total_bytes: int, gpu_memory_utilization: float) -> int:
+    """The bytes the prompt-logprob transient may use: `TRANSIENT_SHARE` of what vLLM leaves outside its budget."""
+    return int(total_bytes * (1.0 - gpu_memory_utilization) * TRANSIENT_SHARE)
+
+
+def prompt_logprob_token_budget(vocab_size: int, dtype: str, transient_bytes: int) -> int:
+    """The most tokens one engine step may schedule so that the prompt-logprob transient fits `transient_bytes`.
+
+    Raises `InvalidInput` when fewer than `MIN_BATCH_TOKENS` fit, with what to change.
+    """
+    per_token = prompt_logprob_bytes_per_token(vocab_size, dtype)
+    budget = int(transient_bytes) // per_token
+    if budget < MIN_BATCH_TOKENS:
+        raise InvalidInput(
+            f"only {budget} tokens a step fit the {transient_bytes / GiB:.2f} GiB left for vLLM's prompt log-probs "
+            f"({per_token / 2**20:.1f} MiB a token with a {vocab_size}-token vocabulary in {dtype}); lower "
+            f"gpu_memory_utilization so at least {MIN_BATCH_TOKENS} fit"
+        )
+    return budget
+
+
+def sampling_param_fields(cls: Any) -> frozenset[str]:
+    """The field names `SamplingParams` accepts (a msgspec Struct, a dataclass, or a plain class), to feature-detect."""
+    fields = getattr(cls, "__struct_fields__", None)
+    if fields is None and dataclasses.is_dataclass(cls):
+        fields = [f.name for f in dataclasses.fields(cls)]
+    if fields is None:
+        fields = list(inspect.signature(cls).parameters)
+    return frozenset(fields)
+
+
+def sampling_kwargs(sampling_fields: Collection[str] = ()) -> dict[str, Any]:
+    """Keyword arguments of the one `SamplingParams` every scoring request uses.
+
+    `temperature=1.0` only shapes the one throw-away sampled token (prompt log-probs ignore it, see the
+    module docstring); `seed` makes that token, and so the whole request, deterministic.
+    """
+    kw: dict[str, Any] = {
+        "n": 1,
+        "max_tokens": 1,  # vLLM refuses 0
+        "prompt_logprobs": 0,  # the actual token's log-prob at every prompt position, no other candidates
+        "logprobs": None,
+        "detokenize": False,
+        "temperature": 1.0,
+        "seed": 0,
+    }
+    if "flat_logprobs" in sampling_fields:
+        kw["flat_logprobs"] = True
+    return kw
+
+
+def build_request(
+    prompt: Sequence[int], response: Sequence[int], *, sampling_fields: Collection[str] = ()
+) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """(a `TokensPrompt` for `prompt + response`, the `SamplingParams` keyword arguments) for one record.
+
+    `TokensPrompt` is a TypedDict, so the plain dict is the request vLLM documents.
+    """
+    ids = [int(t) for t in prompt] + [int(t) for t in response]
+    return {"prompt_token_ids": ids}, sampling_kwargs(sampling_fields)
+
+
+def engine_kwargs(
+    model_dir: str | Path,
+    *,
+    dtype: str,
+    gpu_memory_utilization: float,
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    max_model_len: int | None,
+    tensor_parallel_size: int,
+    engine_fields: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM`; options not in `engine_fields` (the installed `EngineArgs`) are dropped."""
+    kw: dict[str, Any] = {
+        "model": str(model_dir),
+        "tokenizer": str(model_dir),
+        "skip_tokenizer_init": True,  # token ids in, no text out: the engine never needs the tokenizer
+        "dtype": dtype,
+        "seed": 0,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "max_num_batched_tokens": max_num_batched_tokens,
+        "max_num_seqs": max_num_seqs,
+        "tensor_parallel_size": tensor_parallel_size,
+        "enable_prefix_caching": False,  # prompt-logprob requests skip the cache anyway
+        "enable_chunked_prefill": True,  # records longer than the step budget are prefilled in several steps
+        "logprobs_mode": "raw_logprobs",  # log-softmax of the raw logits, whatever a future default becomes
+    }
+    if max_model_len is not None:
+        kw["max_model_len"] = max_model_len
+    if engine_fields is not None:
+        dropped = sorted(k for k in kw if k not in engine_fields and k != "model")
+        if dropped:
+            log.info("this vLLM has no engine option(s) %s; using its defaults", ", ".join(dropped))
+        kw = {k: v for k, v in kw.items() if k == "model" or k in engine_fields}
+    return kw
+
+
+def misaligned(record: int | None, problem: str) -> TeacherServerError:
+    where = "the load-time check" if record is None else f"record {record}"
+    return TeacherServerError(
+        f"{where}: vLLM's prompt_logprobs do not line up with the record ({problem})", record=record
+    )
+
+
+def _finite(values: list[Any], record: int | None) -> np.ndarray:
+    for j, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise misaligned(record, f"response token {j} has log-prob {v!r}, not a number")
+    arr = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(arr) | (arr > 1e-3)
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise misaligned(record, f"response token {j} has log-prob {values[j]!r}, not a finite log-probability")
+    return arr.astype(np.float32)
+
+
+def _entry_logprob(value: Any) -> Any:
+    """`Logprob.logprob`, or the number itself, or a dict's "logprob" (how a dumped Logprob looks)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, Mapping):
+        return value.get("logprob")
+    return getattr(value, "logprob", None)
+
+
+def response_logprobs(
+    prompt_logprobs: Any, prompt_len: int, response: Sequence[int], *, record: int | None = None
+) -> np.ndarray:
+    """The response tokens' log-probs (float32) from `RequestOutput.prompt_logprobs` of `prompt + response`.
+
+    `prompt_logprobs` is vLLM's `list[dict[int, Logprob] | None]` (None at position 0) or a
+    `FlatLogprobs` (duck-typed by its `start_indices`/`end_indices`/`token_ids`/`logprobs` columns).
+    Position `prompt_len + j` must hold an entry for `response[j]`. Anything else (a count that is
+    not one per input token, a missing entry, a non-finite value) raises `TeacherServerError`
+    naming `record`, the record's index in the scored batch.
+    """
+    resp = [int(t) for t in response]
+    n = prompt_len + len(resp)
+    if prompt_logprobs is None:
+        raise misaligned(record, "the engine returned no prompt_logprobs; were they requested?")
+    if all(hasattr(prompt_logprobs, a) for a in ("start_indices", "end_indices", "token_ids", "logprobs")):
+        # Read each column once: newer FlatLogprobs build a new list on every attribute access.
+        starts, ends = list(prompt_logprobs.start_indices), list(prompt_logprobs.end_indices)
+        token_ids, logprobs = prompt_logprobs.token_ids, prompt_logprobs.logprobs
+        if len(starts) != n or len(ends) != n:
+            raise misaligned(record, f"expected {n} positions (one per input token), got {len(starts)}")
+        values = []
+        for j, tok in enumerate(resp):
+            pos = prompt_len + j
+            span = range(starts[pos], ends[pos])
+            k = next((k for k in span if int(token_ids[k]) == tok), None)
+            if k is None:
+                got = [int(token_ids[k]) for k in span]
+                raise misaligned(record, f"position {pos} (response token {j}) has no entry for id {tok}; got {got}")
+            values.append(float(logprobs[k]))
+        return _finite(values, record)
+    if not isinstance(prompt_logprobs, Sequence) or isinstance(prompt_logprobs, (str, bytes)):
+        raise misaligned(record, f"expected a list or FlatLogprobs, got {type(prompt_logprobs).__name__}")
+    if len(prompt_logprobs) != n:
+        raise misaligned(record, f"expected {n} positions (one per input token), got {len(prompt_logprobs)}")
+    values = []
+    for j, tok in enumerate(resp):
+        pos = prompt_len + j
+        entry = prompt_logprobs[pos]
+        value = entry.get(tok) if isinstance(entry, Mapping) else None
+        lp = _entry_logprob(value) if value is not None else None
+        if lp is None:
+            got = sorted(entry)[:5] if isinstance(entry, Mapping) else entry
+            raise misaligned(record, f"position {pos} (response token {j}) has no entry for id {tok}; got {got!r}")
+        values.append(lp)
+    return _finite(values, record)
