@@ -42,7 +42,7 @@ def collate_batch(
     pad_to_multiple_of: int | None = None,
     indices: Sequence[int] | np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Right-padded tensors for a batch of stored samples (rows of the store schema).
+    """Right-padded tensors for a batch of served samples (rows with the contract's `SERVED_COLUMNS`).
 
     Returns `input_ids` [B, T] int64 (prompt then response, then `pad_id`), `attention_mask`
     [B, T] int64, `response_mask` [B, T] bool (True at response tokens), `teacher_logprobs` and

@@ -21,7 +21,7 @@ import pyarrow as pa
 try:  # a third of a JSON batch's cost is parsing; orjson halves it where installed (bench/bench_serving.py)
     from orjson import loads as _loads
 except ImportError:  # the client's base install does not need it
-    from json import loads as _loads
+    from json import loads as _loads  # type: ignore[assignment]
 
 from lopd.http_contract import (
     ARROW_STREAM_MEDIA_TYPE,

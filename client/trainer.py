@@ -180,7 +180,7 @@ def train_student(
         log.warning("the teacher scored at temperature %s; the student is scored at 1.0", info.temperature)
     echo(f"dataset {info.name} v{info.version}: {info.num_samples} samples, {info.verdict}")
 
-    model = AutoModelForCausalLM.from_pretrained(str(cfg.student), dtype=torch.float32).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(cfg.student), dtype=torch.float32).to(device)  # type: ignore[arg-type]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = OPDLoader(
@@ -306,6 +306,6 @@ def train_student(
                 on_step(step, model)
                 model.train()
     finally:
-        batches.close()  # stops the prefetch threads
+        batches.close()  # type: ignore[attr-defined]  # a generator: closing it stops the prefetch threads
         client.close()
     return TrainResult(step=step, out=cfg.out, last_metrics=row)

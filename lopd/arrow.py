@@ -56,6 +56,13 @@ class ListColumn:
             return None
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
+    def required_rows(self, what: str = "column") -> list[np.ndarray]:
+        """Every row as a numpy view; `ValueError` naming `what` if a row is null."""
+        if not self.valid.all():
+            raise ValueError(f"{what} has a null row at {int(np.argmin(self.valid))}")
+        o, v = self.offsets, self.values
+        return [v[o[i] : o[i + 1]] for i in range(len(self.valid))]
+
     def rows(self) -> list[np.ndarray | None]:
         """Every row as a numpy view (None for a null row)."""
         o, v, ok = self.offsets, self.values, self.valid

@@ -26,7 +26,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
@@ -111,7 +111,8 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
     # 2. Teachers A and B: same task, same size, different solution styles.
     teachers: dict[str, Path] = {}
     infos = []
-    for style, seed in (("A", 1), ("B", 2)):
+    styles: tuple[tuple[Literal["A", "B"], int], ...] = (("A", 1), ("B", 2))
+    for style, seed in styles:
         path = run_dir / f"teacher-{style}"
         echo(f"[2/8] training teacher {style} ({cfg.teacher.hidden}x{cfg.teacher.layers}, {cfg.teacher_steps} steps)")
         teachers[style] = train_teacher(path, style, train, cfg.teacher, dataclasses.replace(fit, seed=seed))

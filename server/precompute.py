@@ -33,13 +33,22 @@ from lopd.fingerprint import (
 )
 from lopd.storage import layout
 from lopd.storage.manifest import Consistency, Manifest, ModelRef, Provenance, RolloutSource
-from lopd.storage.publish import find_published_run, missing_parts, publish
+from lopd.storage.publish import find_published_run
 from lopd.storage.schema import FORMAT_VERSION, build_table
-from lopd.storage.staging import RunPlan, Staging, plan_parts
+from lopd.storage.staging import RunPlan, Staging
+from lopd.storage.writer import RunWriter
 
 from .rollouts import RolloutScan, expand_rollout_paths, load_rollouts, scan_rollouts
 from .teachers import DEFAULT_BACKEND, ScoringJob, TeacherOptions, backend_options
-from .teachers.base import MaxBatchSize, MaxBatchTokens, Temperature, config_context_length
+from .teachers.base import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_TEMPERATURE,
+    MaxBatchSize,
+    MaxBatchTokens,
+    Temperature,
+    config_context_length,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +72,7 @@ class PrecomputeConfig(LopdSettings):
     backend: TeacherOptions = Field(
         DEFAULT_BACKEND, validate_default=True, description="Teacher backend and its options."
     )
-    temperature: Temperature
+    temperature: Temperature = DEFAULT_TEMPERATURE
     allow_teacher_mismatch: bool = Field(
         False, description="Build even if the teacher is not the SFT-data teacher (marked inconsistent)."
     )
@@ -80,8 +89,8 @@ class PrecomputeConfig(LopdSettings):
         "stop", description="stop: refuse and write nothing; skip: leave bad records out."
     )
     samples_per_part: int = Field(1024, ge=1, description="Samples per part file (the unit of resumption).")
-    max_batch_tokens: MaxBatchTokens
-    max_batch_size: MaxBatchSize
+    max_batch_tokens: MaxBatchTokens = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_size: MaxBatchSize = DEFAULT_MAX_BATCH_SIZE
     publish: bool = Field(
         True, description="Publish when every part exists (--no-publish: leave it to `lopd finalize`)."
     )
@@ -190,34 +199,33 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     published = find_published_run(cfg.store, cfg.dataset, run_key)
     if published is not None:
         return PrecomputeResult("already_published", cfg.dataset, run_key, manifest=published, notices=notices)
-    ids = [r.id for r in scan.records]
-    plan = RunPlan(
-        run_key=run_key,
-        dataset=cfg.dataset,
-        samples_per_part=cfg.samples_per_part,
-        num_samples=len(ids),
-        input_records=scan.total,
-        parts=plan_parts(ids, cfg.samples_per_part),
-        skipped=list(scan.problems),
-        provenance=provenance,
+    run = RunWriter(
+        cfg.store,
+        RunPlan.build(
+            run_key=run_key,
+            dataset=cfg.dataset,
+            sample_ids=[r.id for r in scan.records],
+            samples_per_part=cfg.samples_per_part,
+            input_records=scan.total,
+            skipped=scan.problems,
+            provenance=provenance,
+        ),
     )
-    staging = Staging(cfg.store, cfg.dataset, run_key)
-    plan = staging.open(plan)
-    done = staging.completed_parts(plan)
-    mine = [p for p in plan.parts if p.index % cfg.num_workers == cfg.worker_index]
-    todo = [p for p in mine if p.index not in done]
+    plan = run.plan
+    mine = plan.parts_of_worker(cfg.worker_index, cfg.num_workers)
+    todo = run.todo(mine)
 
     # 4. Score this worker's missing parts.
     if todo:
-        _score_parts(cfg, scan, plan, staging, [p.index for p in todo], sum(p.num_samples for p in mine), tokenizer)
+        _score_parts(cfg, scan, plan, run.staging, [p.index for p in todo], sum(p.num_samples for p in mine), tokenizer)
 
     # 5. Publish once every part of every worker exists.
-    missing = missing_parts(staging, plan)
+    missing = run.missing_parts()
     if missing or not cfg.publish:
         return PrecomputeResult(
             "waiting_for_workers", cfg.dataset, run_key, parts_scored=len(todo), parts_missing=missing, notices=notices
         )
-    manifest = publish(staging, plan)
+    manifest = run.publish()
     return PrecomputeResult(
         "published", cfg.dataset, run_key, manifest=manifest, parts_scored=len(todo), notices=notices
     )

@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 from pydantic import Field, field_validator
 
+from lopd.arrow import list_column
 from lopd.config import ARGUMENT, LopdSettings
 from lopd.fingerprint import model_fingerprint
 from lopd.storage.reader import Store
 
 from .teachers import DEFAULT_BACKEND, ScoringJob, TeacherOptions, backend_options
-from .teachers.base import MaxBatchTokens
+from .teachers.base import DEFAULT_MAX_BATCH_TOKENS, MaxBatchTokens
 
 
 @dataclass
@@ -61,7 +62,7 @@ class VerifyConfig(LopdSettings):
     backend: TeacherOptions = Field(
         DEFAULT_BACKEND, validate_default=True, description="Teacher backend and its options."
     )
-    max_batch_tokens: MaxBatchTokens
+    max_batch_tokens: MaxBatchTokens = DEFAULT_MAX_BATCH_TOKENS
 
     @field_validator("backend", mode="before")
     @classmethod
@@ -81,8 +82,8 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
     job = ScoringJob(temperature=ds.manifest.provenance.temperature, max_batch_tokens=cfg.max_batch_tokens)
     scorer = cfg.backend.load(teacher, job)
     try:
-        prompts = [np.asarray(p, dtype=np.int64) for p in table["prompt_ids"].to_pylist()]
-        responses = [np.asarray(r, dtype=np.int64) for r in table["response_ids"].to_pylist()]
+        prompts = list_column(table["prompt_ids"], np.int64).required_rows("prompt_ids")
+        responses = list_column(table["response_ids"], np.int64).required_rows("response_ids")
         rescored = scorer.score(prompts, responses)
     finally:
         scorer.close()

@@ -7,6 +7,7 @@ for humans; change both together and bump `FORMAT_VERSION` on any incompatible c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -66,11 +67,11 @@ META_PART = b"lopd.part_index"
 
 
 def build_table(
-    sample_ids: list[str],
-    prompt_ids: list[np.ndarray],
-    response_ids: list[np.ndarray],
-    teacher_logprobs: list[np.ndarray],
-    rollout_logprobs: list[np.ndarray | None],
+    sample_ids: Sequence[str],
+    prompt_ids: Sequence[np.ndarray | Sequence[int]],
+    response_ids: Sequence[np.ndarray | Sequence[int]],
+    teacher_logprobs: Sequence[np.ndarray],
+    rollout_logprobs: Sequence[np.ndarray | None],
 ) -> pa.Table:
     """Assemble samples into a table of `SAMPLE_SCHEMA`, checking the invariants readers rely on."""
     n = len(sample_ids)
@@ -111,7 +112,7 @@ def token_lengths(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return list_lengths(table[prompt]), list_lengths(table[response])
 
 
-def _list_array(rows: list[Any], dtype: type) -> pa.ListArray:
+def _list_array(rows: Sequence[Any], dtype: type) -> pa.ListArray:
     """Build a list array from numpy rows without a Python loop over elements (None rows stay null)."""
     lengths = np.fromiter((0 if r is None else len(r) for r in rows), dtype=np.int64, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)

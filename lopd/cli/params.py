@@ -20,13 +20,14 @@ from typing import Annotated, Any, Literal, NoReturn, TypeVar, Union
 
 import typer
 from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
 
-from lopd.config import ARGUMENT, ENV_PREFIX, LopdSettings, build, flag
+from lopd.config import ARGUMENT, ENV_PREFIX, build, flag
 from lopd.errors import LopdError
 
 __all__ = ["cli_errors", "fail", "settings_command"]
 
-S = TypeVar("S", bound=LopdSettings)
+S = TypeVar("S", bound=BaseSettings)
 
 
 def fail(err: Exception | str, code: int = 2) -> NoReturn:
@@ -125,7 +126,7 @@ def _is_backend_field(field: FieldInfo) -> bool:
 
 def settings_command(
     model: type[S],
-    run: Callable[[S], None],
+    run: Callable[..., None],
     *,
     exclude: tuple[str, ...] = (),
     doc: str | None = None,
@@ -133,7 +134,7 @@ def settings_command(
 ) -> Callable[..., None]:
     """A typer command whose flags are `model`'s fields, that builds the model and calls `run` with it.
 
-    `json_flag` adds `--json` (output format, not a setting): `run` finds it in `ctx.meta["json"]`.
+    `json_flag` adds `--json` (an output format, not a setting): `run` is then called as `run(cfg, as_json=...)`.
     """
     params: list[inspect.Parameter] = [
         inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
@@ -161,7 +162,7 @@ def settings_command(
     backend_keys = {p.name for p in params} - set(model.model_fields) - {"ctx", "as_json"} if backend_field else set()
 
     def command(ctx: typer.Context, **values: Any) -> None:
-        ctx.meta["json"] = values.pop("as_json", False)
+        output = {"as_json": values.pop("as_json")} if json_flag else {}
         given = {k: v for k, v in values.items() if _typed(ctx, k)}
         with cli_errors():
             if backend_field is not None:
@@ -172,7 +173,7 @@ def settings_command(
 
                     name = name or os.environ.get(ENV_PREFIX + backend_field.upper(), DEFAULT_BACKEND)
                     given[backend_field] = backend_options(name, options)
-            run(build(model, **given))
+            run(build(model, **given), **output)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {}

@@ -52,13 +52,13 @@ def _precompute(cfg: PrecomputeConfig) -> None:
         )
 
 
-def _verify(cfg: VerifyConfig) -> None:
+def _verify(cfg: VerifyConfig, *, as_json: bool = False) -> None:
     """Re-score a random sample with a teacher; exit 1 if the stored log-probs differ beyond the tolerance."""
     from lopd.server.verify import verify_dataset
 
     quiet_transformers()
     report = verify_dataset(cfg)
-    if typer.get_current_context().meta.get("json"):
+    if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
         verdict = "PASSED" if report.passed else "FAILED"

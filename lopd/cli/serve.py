@@ -6,6 +6,7 @@ work on an install without the `server` extra.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import typer
@@ -35,7 +36,7 @@ def _serve(settings: ServerSettings) -> None:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
-def serve_command() -> typer.models.CommandFunctionType:
+def serve_command() -> Callable[..., None]:
     """The command, built from `ServerSettings` (pydantic-settings is in every install; FastAPI is not needed here)."""
     from lopd.server.api.settings import ServerSettings
 

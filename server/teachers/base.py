@@ -49,12 +49,18 @@ def config_context_length(config: dict[str, Any]) -> int | None:
     return None
 
 
+# One record's token ids: a list or a 1-D integer array.
+TokenIds = Sequence[int] | np.ndarray
+
 # What a job asks of every teacher, declared once: the precompute and verify configs use these too.
 Temperature = Annotated[
-    float, Field(1.0, gt=0, allow_inf_nan=False, description="Scoring temperature: log_softmax(logits / T).")
+    float, Field(gt=0, allow_inf_nan=False, description="Scoring temperature: log_softmax(logits / T).")
 ]
-MaxBatchTokens = Annotated[int, Field(16384, ge=1, description="Padded tokens per forward batch.")]
-MaxBatchSize = Annotated[int, Field(256, ge=1, description="Sequences per forward batch.")]
+MaxBatchTokens = Annotated[int, Field(ge=1, description="Padded tokens per forward batch.")]
+MaxBatchSize = Annotated[int, Field(ge=1, description="Sequences per forward batch.")]
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_MAX_BATCH_TOKENS = 16384
+DEFAULT_MAX_BATCH_SIZE = 256
 
 
 class ScoringJob(BaseModel):
@@ -62,9 +68,9 @@ class ScoringJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    temperature: Temperature
-    max_batch_tokens: MaxBatchTokens
-    max_batch_size: MaxBatchSize
+    temperature: Temperature = DEFAULT_TEMPERATURE
+    max_batch_tokens: MaxBatchTokens = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_size: MaxBatchSize = DEFAULT_MAX_BATCH_SIZE
 
 
 OptionsT = TypeVar("OptionsT", bound="TeacherOptions")
@@ -132,7 +138,7 @@ class Teacher(Protocol):
     info: TeacherInfo
     tokenizer: Any
 
-    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    def score(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[np.ndarray]:
         """One float32 array per record, `len == len(response)`, in input order."""
         ...
 
@@ -142,7 +148,7 @@ class Teacher(Protocol):
 
 
 def check_token_ids(
-    i: int, prompt: Sequence[int], response: Sequence[int], id_limit: int
+    i: int, prompt: TokenIds, response: TokenIds, id_limit: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The checks every backend makes on record `i` before scoring it; returns the ids as arrays.
 

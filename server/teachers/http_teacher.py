@@ -34,6 +34,7 @@ from .base import (
     Teacher,
     TeacherInfo,
     TeacherOptions,
+    TokenIds,
     check_token_ids,
     config_context_length,
     snapshot_revision,
@@ -62,7 +63,8 @@ class HTTPTeacherOptions(TeacherOptions):
     def load(self, model_dir: str | Path, job: ScoringJob) -> Teacher:
         return self.teacher_class()(model_dir, temperature=job.temperature, **self.model_dump())
 
-    def teacher_class(self) -> type[HTTPTeacher]:
+    @classmethod
+    def teacher_class(cls) -> type[HTTPTeacher]:
         raise NotImplementedError
 
 
@@ -186,7 +188,7 @@ class HTTPTeacher:
 
     # ------------------------------------------------------------------ scoring
 
-    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    def score(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[np.ndarray]:
         """`log_softmax(teacher(prompt + response[:j]) / T)[response[j]]` per response token, in input order."""
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
@@ -195,7 +197,7 @@ class HTTPTeacher:
         records = [self._validate(i, p, r) for i, (p, r) in enumerate(zip(prompts, responses))]
         return self.http.map_ordered(len(records), lambda i: self._score_record(i, *records[i], self.temperature))
 
-    def _validate(self, i: int, prompt: Sequence[int], response: Sequence[int]) -> tuple[list[int], list[int]]:
+    def _validate(self, i: int, prompt: TokenIds, response: TokenIds) -> tuple[list[int], list[int]]:
         """The checks of the in-process backends, plus the server's context limit; lists of ints for JSON."""
         p, r = check_token_ids(i, prompt, response, self.local.id_limit)
         if self.max_tokens and p.size + r.size > self.max_tokens:

@@ -73,7 +73,8 @@ class OpenAIOptions(HTTPTeacherOptions):
         None, description="The model name the server serves (default: the one GET /v1/models lists)."
     )
 
-    def teacher_class(self) -> type[HTTPTeacher]:
+    @classmethod
+    def teacher_class(cls) -> type[HTTPTeacher]:
         return OpenAITeacher
 
 

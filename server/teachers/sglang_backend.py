@@ -91,7 +91,8 @@ class SGLangOptions(HTTPTeacherOptions):
     name: ClassVar[str] = "sglang"
     summary: ClassVar[str] = "a running SGLang server at --teacher-url"
 
-    def teacher_class(self) -> type[HTTPTeacher]:
+    @classmethod
+    def teacher_class(cls) -> type[HTTPTeacher]:
         return SGLangTeacher
 
 

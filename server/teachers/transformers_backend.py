@@ -36,6 +36,7 @@ from lopd.server.teachers.base import (
     Teacher,
     TeacherInfo,
     TeacherOptions,
+    TokenIds,
     check_token_ids,
     snapshot_revision,
 )
@@ -122,9 +123,9 @@ class TransformersTeacher:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
         except (OSError, ValueError, KeyError) as e:
             raise InvalidInput(f"cannot load {path} as a causal LM with its tokenizer: {e}") from e
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' stub of .to
 
-        self._head = model.get_output_embeddings()
+        self._head: Any = model.get_output_embeddings()
         self._body = model.get_decoder()
         config = model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -135,7 +136,8 @@ class TransformersTeacher:
         self._logits_scaling = getattr(text_config, "logits_scaling", None)
         self._softcap = getattr(text_config, "final_logit_softcapping", None)
         self._head_rows = int(self._head.weight.shape[0])
-        self._id_limit = min(len(self.tokenizer), model.get_input_embeddings().weight.shape[0])
+        embedding: Any = model.get_input_embeddings()
+        self._id_limit: int = min(len(self.tokenizer), int(embedding.weight.shape[0]))
         max_context = next((getattr(text_config, k) for k in CONTEXT_KEYS if getattr(text_config, k, None)), 0)
 
         self.info = TeacherInfo(
@@ -168,7 +170,7 @@ class TransformersTeacher:
 
     # ------------------------------------------------------------------ scoring
 
-    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    def score(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[np.ndarray]:
         """`log_softmax(teacher(prompt + response[:j]) / T)[response[j]]` for every response token.
 
         Returns one float32 array per record, in input order. Records are regrouped into
@@ -186,7 +188,7 @@ class TransformersTeacher:
                 out[i] = arr
         return out
 
-    def _validate(self, i: int, prompt: Sequence[int], response: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _validate(self, i: int, prompt: TokenIds, response: TokenIds) -> tuple[np.ndarray, np.ndarray]:
         p, r = check_token_ids(i, prompt, response, self._id_limit)
         if self.info.max_context and p.size + r.size > self.info.max_context:
             raise ValueError(

@@ -70,6 +70,7 @@ from lopd.server.teachers.base import (
     Teacher,
     TeacherInfo,
     TeacherOptions,
+    TokenIds,
     check_token_ids,
     config_context_length,
     snapshot_revision,
@@ -220,7 +221,7 @@ class VLLMTeacher:
 
     # ------------------------------------------------------------------ scoring
 
-    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    def score(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[np.ndarray]:
         """`log_softmax(teacher(prompt + response[:j]))[response[j]]` for every response token, in input order.
 
         The engine schedules the requests itself (continuous batching under `max_num_batched_tokens`);
@@ -258,7 +259,7 @@ class VLLMTeacher:
             result.append(response_logprobs(output.prompt_logprobs, len(p), r, record=record))
         return result
 
-    def _validate(self, i: int, prompt: Sequence[int], response: Sequence[int]) -> tuple[list[int], list[int], int]:
+    def _validate(self, i: int, prompt: TokenIds, response: TokenIds) -> tuple[list[int], list[int], int]:
         """The transformers backend's checks, against the engine's context minus the token it generates."""
         p, r = check_token_ids(i, prompt, response, self._id_limit)
         if self._max_tokens and p.size + r.size > self._max_tokens:
@@ -277,7 +278,7 @@ class VLLMTeacher:
         if llm is None:
             return
         try:
-            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            core: Any = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if callable(getattr(core, "shutdown", None)):  # V1 runs the engine core in a child process
                 core.shutdown()
             del llm, core

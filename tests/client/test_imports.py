@@ -18,7 +18,7 @@ CLIENT_MODULES = (
     "lopd.client.consistency",
     "lopd.client.loader",
     "lopd.client.trainer",
-    "lopd.client.train_command",
+    "lopd.client.config",
 )
 
 
@@ -35,7 +35,7 @@ def test_client_never_imports_server_or_storage():
     assert _loaded_after(imports, ("lopd.server", "lopd.storage")) == []
 
 
-@pytest.mark.parametrize("module", ["lopd.client", "lopd.client.http", "lopd.client.train_command"])
+@pytest.mark.parametrize("module", ["lopd.client", "lopd.client.http", "lopd.client.config", "lopd.cli"])
 def test_light_modules_do_not_import_torch(module):
     # The HTTP client and the command's registration must work (and start fast) without torch.
     assert _loaded_after(f"import {module}", ("torch", "transformers", "fastapi", "duckdb")) == []

@@ -121,20 +121,17 @@ def test_missing_optional_logger_fails_fast_with_the_fix(served, tiny_qwen2_dir,
 
 @pytest.mark.slow
 def test_train_command_line(served, tiny_qwen2_dir, tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from lopd.client.train_command import train
+    from lopd.cli import app
 
-    app = typer.Typer()
-    app.command()(train)
     out = tmp_path / "cli"
-    args = ["--url", served.url, "--dataset", "scored", "--student", str(tiny_qwen2_dir), "--out", str(out)]
+    args = ["train", "--url", served.url, "--dataset", "scored", "--student", str(tiny_qwen2_dir), "--out", str(out)]
     args += ["--steps", "2", "--batch-size", "4", "--sft-teacher", served.store.teacher_fingerprint, "--log-every", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "step 2/2" in result.output and (out / CHECKPOINT).is_file()
-    other = ["--url", served.url, "--dataset", "alpha", "--student", str(tiny_qwen2_dir)]
+    other = ["train", "--url", served.url, "--dataset", "alpha", "--student", str(tiny_qwen2_dir)]
     refused = CliRunner().invoke(app, other + ["--out", str(tmp_path / "other")])
     assert refused.exit_code == 2 and "refusing to train" in refused.output
 

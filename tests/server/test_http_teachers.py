@@ -58,7 +58,7 @@ def server(_server: InferenceServer) -> InferenceServer:
 
 def _teacher(backend: str, server: InferenceServer, **kw) -> HTTPTeacher:
     kw.setdefault("retry", FAST)
-    return REGISTRY[backend]().teacher_class()(server.model_dir, teacher_url=server.url, **kw)  # type: ignore[call-arg]
+    return REGISTRY[backend].teacher_class()(server.model_dir, teacher_url=server.url, **kw)  # type: ignore[call-arg]
 
 
 def _records(n: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
@@ -292,7 +292,7 @@ def test_an_unreachable_server_fails_clearly(tiny_llama_dir, backend):
     with pytest.raises(
         TeacherServerError, match=rf"failed 2 attempts .*ConnectError.* Is the {backend} server running"
     ):
-        REGISTRY[backend].model_construct().teacher_class()(tiny_llama_dir, teacher_url=closed_port_url(), retry=retry)
+        REGISTRY[backend].teacher_class()(tiny_llama_dir, teacher_url=closed_port_url(), retry=retry)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

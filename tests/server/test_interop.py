@@ -194,6 +194,15 @@ def test_import_refuses_mismatched_lengths_naming_the_row(tmp_path: Path, tokeni
     assert not (tmp_path / "dst").exists()  # refused before anything was written
 
 
+def test_import_refuses_null_values_naming_the_row(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "holes.parquet"
+    rows = [_row("abc", [10, 11], [-0.5, -1.0]), _row("de", [12], [-0.5]), _row("xyz", [12, 13], [-0.5, None])]
+    pq.write_table(_reference_table(rows), path)
+    with pytest.raises(InvalidInput, match=r"row 2 \(sample 'row-2'\): null value in teacher_log_probs"):
+        import_lightning_opd([path], tmp_path / "dst", "d", tokenizer)
+    assert not (tmp_path / "dst").exists()
+
+
 def test_import_without_sample_id_numbers_rows_across_files(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
     pq.write_table(_reference_table([_row("hi", [20], [-0.25])]), a)

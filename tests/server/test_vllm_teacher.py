@@ -25,8 +25,8 @@ import lopd.server.teachers.vllm_backend as vb
 from lopd.errors import InvalidInput, TeacherServerError
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lopd.server.teachers import Teacher
-from lopd.server.teachers.vllm_backend import (
-    VLLMTeacher,
+from lopd.server.teachers.vllm_backend import VLLMTeacher
+from lopd.server.teachers.vllm_protocol import (
     build_request,
     check_temperature,
     engine_kwargs,
@@ -263,7 +263,7 @@ def test_refusals_come_before_vllm_is_needed(tmp_path: Path, tiny_llama_dir: Pat
     """Bad settings are refused by the constructor before it imports vLLM or reads a weight."""
     for kw, match in (
         ({"temperature": 0.5}, "cannot score at temperature 0.5"),
-        ({"dtype": "int8"}, "dtype 'int8'"),
+        ({"dtype": "int8"}, "--dtype: Input should be 'bfloat16', 'float16' or 'float32' \\(got 'int8'\\)"),
         ({"gpu_memory_utilization": 1.0}, "--gpu-memory-utilization: Input should be less than 1"),
         ({"max_model_len": 0}, "--max-model-len: Input should be greater than or equal to 1"),
         ({"tensor_parallel_size": 1.5}, "--tensor-parallel-size"),

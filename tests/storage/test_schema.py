@@ -1,11 +1,12 @@
 import io
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from lopd.errors import InvalidInput
-from lopd.storage.schema import PARQUET_WRITE_OPTIONS, SAMPLE_SCHEMA, build_table
+from lopd.storage.schema import PARQUET_WRITE_OPTIONS, SAMPLE_SCHEMA, build_table, token_lengths
 
 
 def _one(teacher, rollout=None, response=(5, 6)):
@@ -47,3 +48,15 @@ def test_log_probs_use_byte_stream_split_without_dictionary():
 def test_build_table_rejects_broken_samples(kwargs, message):
     with pytest.raises(InvalidInput, match=message):
         _one(**kwargs)
+
+
+def test_token_lengths_count_prompt_and_response_tokens_across_chunks():
+    a = build_table(["a", "b"], [np.array([1]), np.array([1, 2, 3])], [np.array([4, 5]), np.array([6])],
+                    [np.array([-1, -1], np.float32), np.array([-1], np.float32)], [None, None])  # fmt: skip
+    b = build_table(["c"], [np.array([7, 8])], [np.array([9, 9, 9, 9])], [np.full(4, -1, np.float32)], [None])
+    table = pa.concat_tables([a, b.slice(0, 1)])
+    assert table["prompt_ids"].num_chunks == 2
+    prompt, response = token_lengths(table)
+    assert prompt.dtype == response.dtype == np.int64
+    assert prompt.tolist() == [1, 3, 2] and response.tolist() == [2, 1, 4]
+    assert token_lengths(table.slice(1, 2))[1].tolist() == [1, 4]

@@ -9,7 +9,7 @@ import pytest
 from lopd.errors import Conflict, Corrupt, InvalidInput, NotFound
 from lopd.storage import layout
 from lopd.storage.publish import publish, published_versions
-from lopd.storage.reader import Store
+from lopd.storage.reader import Store, open_version, read_version_manifest
 from lopd.storage.staging import Staging
 from tests.utils.factories import build_dataset, make_plan, random_samples, write_parts
 
@@ -178,3 +178,58 @@ def test_take_from_many_threads_at_once_returns_correct_rows(tmp_path):
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert all(pool.map(fetch, requests))
+
+
+def test_catalogue_lists_published_datasets_and_skips_what_is_not_one(tmp_path):
+    build_dataset(tmp_path, "b", n=10, seed=1)
+    build_dataset(tmp_path, "a", n=10, seed=2)
+    build_dataset(tmp_path, "a", n=12, seed=3)
+    samples = random_samples(10)
+    plan = make_plan(samples, run_key="5" * 64, dataset="running", per_part=5)
+    Staging(tmp_path, "running", plan.run_key).open(plan)
+    (tmp_path / "not a name").mkdir()  # a directory validate_name refuses
+    (tmp_path / "empty").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    store = Store(tmp_path)
+    assert store.catalogue() == {"a": [1, 2], "b": [1]}
+    assert store.datasets() == ["a", "b"]
+    assert store.unpublished() == ["running"]
+
+
+def test_a_manifest_that_describes_another_version_is_corrupt(tmp_path):
+    build_dataset(tmp_path, "ds", n=10, seed=1)
+    build_dataset(tmp_path, "ds", n=10, seed=2)
+    v1, v2 = layout.version_dir(tmp_path, "ds", 1), layout.version_dir(tmp_path, "ds", 2)
+    (v2 / layout.MANIFEST).write_bytes((v1 / layout.MANIFEST).read_bytes())
+    with pytest.raises(Corrupt, match=r"the manifest in ds/v2 describes 'ds' v1"):
+        Store(tmp_path).open("ds", 2, verify=False)
+    with pytest.raises(Corrupt, match="describes"):
+        read_version_manifest(tmp_path, "ds", 2)
+    assert open_version(tmp_path, "ds", 1).manifest.version == 1
+
+
+@pytest.mark.parametrize("name", ["../ds/v1/manifest.json", "/etc/passwd", "..", ".lock", "a/part-000000.parquet", ""])
+def test_manifest_file_names_cannot_leave_the_version_directory(tmp_path, name):
+    with pytest.raises(Corrupt, match="not a file of that version"):
+        layout.version_file(tmp_path / "ds" / "v1", name)
+    assert layout.version_file(tmp_path, "part-000003.parquet") == tmp_path / "part-000003.parquet"
+
+
+def test_token_counts_are_prompt_plus_response_per_sample(tmp_path):
+    _, samples = build_dataset(tmp_path, "ds", n=70, per_part=16)
+    counts = Store(tmp_path).open("ds").token_counts()
+    expected = [len(p) + len(r) for p, r in zip(samples["prompts"], samples["responses"])]
+    assert counts.dtype == np.int64 and counts.tolist() == expected
+
+
+def test_token_counts_refuse_shards_that_disagree_with_the_manifest(tmp_path):
+    manifest, _ = build_dataset(tmp_path, "ds", n=40, per_part=16)
+    vdir = layout.version_dir(tmp_path, "ds", 1)
+    last = vdir / manifest.files[-1].path
+    pq.write_table(pq.read_table(last).slice(0, 2), last)
+    with pytest.raises(Corrupt, match="the shards hold 34 samples, the manifest says 40"):
+        open_version(tmp_path, "ds", 1, verify=False).token_counts()
+    last.write_bytes(b"PAR1 not really")
+    with pytest.raises(Corrupt, match="unreadable Parquet"):
+        open_version(tmp_path, "ds", 1, verify=False).token_counts()

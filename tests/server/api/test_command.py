@@ -17,8 +17,8 @@ import pytest
 from lopd.server.api.settings import ServerSettings
 from tests.utils.factories import build_dataset
 
-# The same wiring lopd/cli.py gives it (`app.command()(serve)`), without depending on that file.
-RUNNER = "import typer; from lopd.server.api.command import serve; app = typer.Typer(); app.command()(serve); app()"
+# `lopd serve ARGS...`, through the real command line app.
+RUNNER = "import sys; from lopd.cli import app; app(['serve', *sys.argv[1:]])"
 
 
 def free_port() -> int:
