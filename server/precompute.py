@@ -15,10 +15,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 from tqdm.auto import tqdm
 
 import lopd
@@ -69,7 +70,7 @@ class PrecomputeConfig(LopdSettings):
     sft_teacher: str = Field(description="The model (directory or fingerprint) that generated the student's SFT data.")
     store: Path = Field(description="Store directory (created if missing).")
     dataset: str = Field(description="Dataset name inside the store.")
-    backend: TeacherOptions = Field(
+    backend: Annotated[TeacherOptions, NoDecode] = Field(
         DEFAULT_BACKEND, validate_default=True, description="Teacher backend and its options."
     )
     temperature: Temperature = DEFAULT_TEMPERATURE

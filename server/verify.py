@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from lopd.arrow import list_column
 from lopd.config import ARGUMENT, LopdSettings
@@ -59,7 +60,7 @@ class VerifyConfig(LopdSettings):
     samples: int = Field(64, ge=1, description="How many random samples to re-score.")
     seed: int = Field(0, description="Seed of the random sample.")
     tolerance: float = Field(1e-3, ge=0, description="Largest accepted |stored - rescored| per token.")
-    backend: TeacherOptions = Field(
+    backend: Annotated[TeacherOptions, NoDecode] = Field(
         DEFAULT_BACKEND, validate_default=True, description="Teacher backend and its options."
     )
     max_batch_tokens: MaxBatchTokens = DEFAULT_MAX_BATCH_TOKENS
