@@ -298,7 +298,7 @@ def _arrow_tokens(table: Any, pc: Any) -> int:
 def _fetch_json_orjson(client: Any, idx: np.ndarray) -> list[Any]:
     import orjson
 
-    from lopd.client.types import Sample
+    from lopd.client.types import SampleArrays as Sample
 
     resp = client.request(
         "POST",

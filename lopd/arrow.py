@@ -68,13 +68,6 @@ class ListColumn:
         o, v, ok = self.offsets, self.values, self.valid
         return [v[o[i] : o[i + 1]] if ok[i] else None for i in range(len(ok))]
 
-    def dense_rows(self) -> list[np.ndarray]:
-        """Every row as a numpy view, for a column that has no null rows (raises `ValueError` otherwise)."""
-        if not self.valid.all():
-            raise ValueError(f"row {int(np.argmin(self.valid))} of the list column is null")
-        o, v = self.offsets, self.values
-        return [v[o[i] : o[i + 1]] for i in range(len(self.valid))]
-
 
 def list_column(column: pa.ChunkedArray | pa.Array, dtype: np.dtype | type | None = None) -> ListColumn:
     """Split a list (or large_list) column of numbers; `dtype` converts the values (no copy when equal).

@@ -53,7 +53,7 @@ SERVED_COLUMNS: tuple[str, ...] = (SAMPLE_ID, PROMPT_IDS, RESPONSE_IDS, TEACHER_
 # The server's default limits (each can be changed per deployment, `lopd serve` settings); a
 # client that keeps its requests within them is never refused for size.
 MAX_BATCH_INDICES = 4096  # indices in one batch request
-MAX_BATCH_TOKENS = 8_388_608  # prompt + response tokens in one batch response
+MAX_RESPONSE_TOKENS = 8_388_608  # prompt + response tokens in one batch response
 MAX_BODY_BYTES = 1_048_576  # request body bytes (a MAX_BATCH_INDICES-index batch body is ~30 kB)
 
 # -- the error body --------------------------------------------------------------------------

@@ -89,8 +89,10 @@ def export_lightning_opd(
     ds = Store(store_dir).open(dataset, version)
     table = ds.read_all()
     n = table.num_rows
-    prompts = [_decode(tokenizer, ids) for ids in list_column(table.column("prompt_ids"), np.int32).dense_rows()]
-    responses = [_decode(tokenizer, ids) for ids in list_column(table.column("response_ids"), np.int32).dense_rows()]
+    prompt_rows = list_column(table.column("prompt_ids"), np.int32).required_rows("prompt_ids")
+    response_rows = list_column(table.column("response_ids"), np.int32).required_rows("response_ids")
+    prompts = [_decode(tokenizer, ids) for ids in prompt_rows]
+    responses = [_decode(tokenizer, ids) for ids in response_rows]
     rollout_col = table.column("rollout_logprobs").combine_chunks()
     has_student = rollout_col.null_count < n
 

@@ -176,10 +176,10 @@ def get_batch(
     m = served.manifest
     idx = _check_indices(body.indices, len(served), m.name, m.version)
     tokens = int(served.token_counts[idx].sum())
-    if tokens > settings.max_batch_tokens:
+    if tokens > settings.max_response_tokens:
         raise TooLarge(
-            f"the batch holds {tokens} prompt+response tokens; the limit max_batch_tokens is "
-            f"{settings.max_batch_tokens}: ask for fewer samples per request"
+            f"the batch holds {tokens} prompt+response tokens; the limit max_response_tokens is "
+            f"{settings.max_response_tokens}: ask for fewer samples per request"
         )
     table = served.dataset.take(idx)
     if encoding.wants_json(accept):

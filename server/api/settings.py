@@ -1,6 +1,6 @@
 """Settings of one `lopd serve` process: the single source of truth for its knobs.
 
-Every field can come from the environment with the `LOPD_` prefix (`LOPD_MAX_BATCH_TOKENS=...`),
+Every field can come from the environment with the `LOPD_` prefix (`LOPD_MAX_RESPONSE_TOKENS=...`),
 so a deployment can tune limits without changing the command line; arguments given to the
 constructor (the CLI flags) win over the environment.
 """
@@ -14,7 +14,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lopd.config import ARGUMENT
-from lopd.http_contract import MAX_BATCH_INDICES, MAX_BATCH_TOKENS, MAX_BODY_BYTES
+from lopd.http_contract import MAX_BATCH_INDICES, MAX_RESPONSE_TOKENS, MAX_BODY_BYTES
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -31,8 +31,8 @@ class ServerSettings(BaseSettings):
         default=None, description='JSON {"<token>": "<lab>"}; when set, every data route needs a bearer token.'
     )
     max_batch_indices: int = Field(default=MAX_BATCH_INDICES, ge=1, description="Most indices one batch may ask for.")
-    max_batch_tokens: int = Field(
-        default=MAX_BATCH_TOKENS, ge=1, description="Most prompt+response tokens one batch response may hold."
+    max_response_tokens: int = Field(
+        default=MAX_RESPONSE_TOKENS, ge=1, description="Most prompt+response tokens one batch response may hold."
     )
     max_body_bytes: int = Field(
         default=MAX_BODY_BYTES,

@@ -68,7 +68,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> StoreData:
 @pytest.fixture(scope="session")
 def server(store: StoreData) -> Iterator[Running]:
     """The read-only server without auth, with small limits so they can be hit."""
-    settings = ServerSettings(store=store[0], max_batch_indices=256, max_batch_tokens=20_000, catalog_ttl_s=2.0)
+    settings = ServerSettings(store=store[0], max_batch_indices=256, max_response_tokens=20_000, catalog_ttl_s=2.0)
     with running_server(settings) as running:
         with running.client() as c:
             assert wait_ready(c).status_code == 200

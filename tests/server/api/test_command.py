@@ -71,9 +71,9 @@ def test_bad_tokens_file_fails_fast(tmp_path: Path) -> None:
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LOPD_STORE", str(tmp_path))
-    monkeypatch.setenv("LOPD_MAX_BATCH_TOKENS", "123")
+    monkeypatch.setenv("LOPD_MAX_RESPONSE_TOKENS", "123")
     monkeypatch.setenv("LOPD_HOST", "0.0.0.0")
     s = ServerSettings()
-    assert (s.store, s.max_batch_tokens, s.max_batch_indices, s.catalog_ttl_s) == (tmp_path, 123, 4096, 2.0)
+    assert (s.store, s.max_response_tokens, s.max_batch_indices, s.catalog_ttl_s) == (tmp_path, 123, 4096, 2.0)
     assert s.exposed
     assert ServerSettings(host="127.0.0.1").exposed is False  # arguments win over the environment

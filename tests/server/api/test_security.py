@@ -168,7 +168,7 @@ def test_too_many_tokens_is_413_naming_the_limit(client: httpx.Client) -> None:
     # 120 samples of the test store hold well over 20,000 prompt+response tokens when repeated.
     r = client.post("/v1/datasets/alpha/batch", json={"indices": list(range(120)) * 2})
     err = assert_error(r, 413, "too_large")
-    assert "max_batch_tokens" in err["message"] and "20000" in err["message"]
+    assert "max_response_tokens" in err["message"] and "20000" in err["message"]
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS"])
