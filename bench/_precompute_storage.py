@@ -88,10 +88,12 @@ def _tiny_model_logprobs(work: Path, plen: np.ndarray, rlen: np.ndarray, seed: i
 def _bit_exact(path: Path, lps: list[np.ndarray], response_ids: list[np.ndarray]) -> bool:
     import pyarrow.parquet as pq
 
+    from lopd.arrow import list_column
+
     back = pq.read_table(path)
-    got = back.column("teacher_logprobs").combine_chunks().flatten().to_numpy()
+    got = list_column(back.column("teacher_logprobs")).flat()
     want = np.concatenate(lps).astype(np.float32)
-    ids = back.column("response_ids").combine_chunks().flatten().to_numpy()
+    ids = list_column(back.column("response_ids")).flat()
     return bool(
         got.dtype == np.float32
         and np.array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -289,10 +289,10 @@ def _client_worker(
 
 
 def _arrow_tokens(table: Any, pc: Any) -> int:
-    return int(
-        pc.sum(pc.list_value_length(table["prompt_ids"])).as_py()
-        + pc.sum(pc.list_value_length(table["response_ids"])).as_py()
-    )
+    from lopd.storage.schema import token_lengths
+
+    prompt, response = token_lengths(table)
+    return int(prompt.sum() + response.sum())
 
 
 def _fetch_json_orjson(client: Any, idx: np.ndarray) -> list[Any]:
@@ -476,14 +476,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def store_info(store: Path) -> dict[str, Any]:
-    import pyarrow.compute as pc
 
     from lopd.storage.reader import Store
 
     ds = Store(store).open(DATASET, verify=False)
-    t = ds.read_all(["prompt_ids", "response_ids"])
-    p = int(pc.sum(pc.list_value_length(t["prompt_ids"])).as_py())
-    r = int(pc.sum(pc.list_value_length(t["response_ids"])).as_py())
+    p, r = ds.manifest.num_prompt_tokens, ds.manifest.num_response_tokens
     return {
         "samples": len(ds),
         "prompt_tokens": p,

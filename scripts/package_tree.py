@@ -9,8 +9,12 @@ this tree instead. Usage: `python scripts/package_tree.py DIR` (prints DIR).
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -36,7 +36,7 @@ from lopd.storage import layout
 from lopd.storage.manifest import Consistency, Manifest, ModelRef, Provenance, RolloutSource
 from lopd.storage.publish import find_published_run
 from lopd.storage.schema import FORMAT_VERSION, build_table
-from lopd.storage.staging import RunPlan, Staging
+from lopd.storage.staging import RunPlan
 from lopd.storage.writer import RunWriter
 
 from .rollouts import RolloutScan, expand_rollout_paths, load_rollouts, scan_rollouts
@@ -218,7 +218,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
 
     # 4. Score this worker's missing parts.
     if todo:
-        _score_parts(cfg, scan, plan, run.staging, [p.index for p in todo], sum(p.num_samples for p in mine), tokenizer)
+        _score_parts(cfg, scan, run, [p.index for p in todo], sum(p.num_samples for p in mine), tokenizer)
 
     # 5. Publish once every part of every worker exists.
     missing = run.missing_parts()
@@ -235,12 +235,12 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
 def _score_parts(
     cfg: PrecomputeConfig,
     scan: RolloutScan,
-    plan: RunPlan,
-    staging: Staging,
+    run: RunWriter,
     todo: list[int],
     my_samples: int,
     tokenizer: Any,
 ) -> None:
+    plan = run.plan
     teacher = cfg.backend.load(cfg.teacher, cfg.job())
     if teacher.info.fingerprint != plan.provenance.teacher.fingerprint:
         raise TeacherMismatch(f"{cfg.teacher} changed on disk while the job was starting; run it again")
@@ -259,8 +259,7 @@ def _score_parts(
     tokens, start = 0, time.perf_counter()
     try:
         for index in todo:
-            s = index * plan.samples_per_part
-            refs = scan.records[s : s + plan.samples_per_part]
+            refs = scan.records[plan.part_rows(index)]
             rollouts = load_rollouts(scan, refs, tokenizer)
             prompts = [r.prompt_ids for r in rollouts]
             responses = [r.response_ids for r in rollouts]
@@ -276,7 +275,7 @@ def _score_parts(
                 for k, lp in zip(need, policy.score([prompts[k] for k in need], [responses[k] for k in need])):
                     rollout_lp[k] = lp
             table = build_table([r.id for r in rollouts], prompts, responses, teacher_lp, rollout_lp)
-            staging.write_part(index, table, plan.provenance.teacher.fingerprint)
+            run.write_part(index, table)
             tokens += sum(len(r) for r in responses)
             bar.update(len(rollouts))
             bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)

@@ -70,7 +70,7 @@ def export_command(
     """Export a dataset version in the reference Lightning-OPD (slime) Parquet layout."""
     with cli_errors():
         _check_format(fmt)
-        from lopd.server.interop import export_lightning_opd
+        from lopd.storage.interop import export_lightning_opd
 
         n = export_lightning_opd(store, dataset, out, _load_tokenizer(tokenizer), version=version)
     typer.echo(f"exported {n} samples of {dataset!r} to {out}")
@@ -92,7 +92,7 @@ def import_command(
     """Import reference Lightning-OPD (slime) Parquet files as a new dataset version."""
     with cli_errors():
         _check_format(fmt)
-        from lopd.server.interop import import_lightning_opd
+        from lopd.storage.interop import import_lightning_opd
 
         m = import_lightning_opd(
             paths,

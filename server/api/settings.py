@@ -14,7 +14,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lopd.config import ARGUMENT
-from lopd.http_contract import MAX_BATCH_INDICES, MAX_RESPONSE_TOKENS, MAX_BODY_BYTES
+from lopd.http_contract import MAX_BATCH_INDICES, MAX_BODY_BYTES, MAX_RESPONSE_TOKENS
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 

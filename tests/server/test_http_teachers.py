@@ -317,11 +317,19 @@ def test_backend_options_are_checked():
         ("sglang", {}, "--backend sglang needs --teacher-url: the address of the running server"),
         ("transformers", {"teacher_url": "http://h:1"}, "--teacher-url only applies to --backend sglang or openai"),
         ("openai", {"teacher_url": "http://h:1", "device": "cuda"}, "--device only applies to --backend transformers"),
-        ("sglang", {"teacher_url": "http://h:1", "dtype": "bfloat16"}, "--dtype only applies to --backend transformers or vllm"),
+        (
+            "sglang",
+            {"teacher_url": "http://h:1", "dtype": "bfloat16"},
+            "--dtype only applies to --backend transformers or vllm",
+        ),
         ("transformers", {"gpu_memory_utilization": 0.5}, "only applies to --backend vllm"),
         ("sglang", {"teacher_url": "http://h:1", "served_model_name": "x"}, "only applies to --backend openai"),
         ("sglang", {"teacher_url": "http://h:1", "max_concurrency": 0}, "--max-concurrency: Input should be greater"),
-        ("vllm-nope", {}, "unknown teacher backend 'vllm-nope'; available backends: transformers, vllm, sglang, openai"),
+        (
+            "vllm-nope",
+            {},
+            "unknown teacher backend 'vllm-nope'; available backends: transformers, vllm, sglang, openai",
+        ),
     ]:
         with pytest.raises(InvalidInput, match=problem):
             backend_options(name, kw)
@@ -378,7 +386,9 @@ def test_precompute_through_the_cli_equals_the_transformers_store(
     assert (prov.backend, prov.dtype, prov.consistency.verdict) == (backend, "server", "consistent")
     # and the server confirms the transformers store (lopd verify against another backend)
     options = backend_options(backend, {"teacher_url": server.url})
-    report = verify_dataset(VerifyConfig(store=reference, dataset="ds", teacher=tiny_llama_dir, samples=5, backend=options))
+    report = verify_dataset(
+        VerifyConfig(store=reference, dataset="ds", teacher=tiny_llama_dir, samples=5, backend=options)
+    )
     assert report.passed and report.max_abs_diff < 1e-4
 
 
