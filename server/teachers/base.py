@@ -147,9 +147,7 @@ class Teacher(Protocol):
         ...
 
 
-def check_token_ids(
-    i: int, prompt: TokenIds, response: TokenIds, id_limit: int
-) -> tuple[np.ndarray, np.ndarray]:
+def check_token_ids(i: int, prompt: TokenIds, response: TokenIds, id_limit: int) -> tuple[np.ndarray, np.ndarray]:
     """The checks every backend makes on record `i` before scoring it; returns the ids as arrays.
 
     A prompt needs at least one token (e.g. BOS) to predict the first response token; ids outside
