@@ -91,6 +91,7 @@ class TransformersOptions(TeacherOptions):
             ) from e
         return TransformersTeacher(model_dir, **job.model_dump(), **self.model_dump())
 
+
 # Max |head path - full forward| in log-prob units accepted by the load-time self-check. Half
 # precision differs a little between a padded, masked batch and a lone sequence; a missing
 # head transform (scaling, softcapping) differs by far more.
