@@ -1,4 +1,4 @@
-"""From Arrow rows to padded tensors, and the student's log-probs at the same positions.
+"""From Arrow rows to padded arrays: the batch a trainer gets, in numpy, or as torch tensors.
 
 The one convention that everything here follows, and that a trainer must not get wrong:
 
@@ -6,25 +6,40 @@ The one convention that everything here follows, and that a trainer must not get
 
 `teacher_logprobs[b, t] = log p_teacher(input_ids[b, t] | input_ids[b, :t])`, and
 `token_logprobs(logits, input_ids)[b, t] = log_softmax(logits[b, t - 1])[input_ids[b, t]]` for a
-causal LM, whose logits at position t - 1 predict the token at t. Both tensors are therefore
-compared element-wise, under `response_mask`, with no further shifting. Position 0 predicts
-nothing and holds 0. (Storing at the predicting position instead would be the classic
+causal LM (`lopd.client.logprobs`), whose logits at position t - 1 predict the token at t. Both
+are therefore compared element-wise, under `response_mask`, with no further shifting. Position 0
+predicts nothing and holds 0. (Storing at the predicting position instead would be the classic
 off-by-one that makes distillation silently train on the wrong token.)
+
+Collation is numpy (`collate_arrays`) and needs no torch; `to_torch` and `collate_batch` give
+torch tensors and need it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from lopd.arrow import list_column
 from lopd.http_contract import PROMPT_IDS, RESPONSE_IDS, ROLLOUT_LOGPROBS, SAMPLE_ID, TEACHER_LOGPROBS
 
 from .errors import ProtocolError
+
+
+def require_torch(what: str) -> ModuleType:
+    """The torch module; `ModuleNotFoundError` naming `what` needs it when torch is not installed."""
+    try:
+        import torch
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"{what} needs torch, which is not installed: pip install torch (the client's numpy batches do not)",
+            name="torch",
+        ) from e
+    return torch
 
 
 def _scatter_rows(out: np.ndarray, lengths: np.ndarray, values: np.ndarray, first_col: np.ndarray) -> None:
@@ -35,14 +50,14 @@ def _scatter_rows(out: np.ndarray, lengths: np.ndarray, values: np.ndarray, firs
     out[rows, cols] = values
 
 
-def collate_batch(
+def collate_arrays(
     table: pa.Table,
     *,
     pad_id: int = 0,
     pad_to_multiple_of: int | None = None,
     indices: Sequence[int] | np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Right-padded tensors for a batch of served samples (rows with the contract's `SERVED_COLUMNS`).
+    """Right-padded numpy arrays for a batch of served samples (rows with the contract's `SERVED_COLUMNS`).
 
     Returns `input_ids` [B, T] int64 (prompt then response, then `pad_id`), `attention_mask`
     [B, T] int64, `response_mask` [B, T] bool (True at response tokens), `teacher_logprobs` and
@@ -83,85 +98,49 @@ def collate_batch(
     attention = cols < total[:, None]
     response = attention & (cols >= p_len[:, None])
     batch: dict[str, Any] = {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention.astype(np.int64)),
-        "response_mask": torch.from_numpy(response),
-        "teacher_logprobs": torch.from_numpy(teacher),
-        "rollout_logprobs": torch.from_numpy(rollout),
-        "has_rollout_logprobs": torch.from_numpy(has_rollout.astype(bool)),
-        "prompt_lengths": torch.from_numpy(p_len),
-        "response_lengths": torch.from_numpy(r_len),
+        "input_ids": input_ids,
+        "attention_mask": attention.astype(np.int64),
+        "response_mask": response,
+        "teacher_logprobs": teacher,
+        "rollout_logprobs": rollout,
+        "has_rollout_logprobs": has_rollout.astype(bool),
+        "prompt_lengths": p_len,
+        "response_lengths": r_len,
         "sample_id": table.column(SAMPLE_ID).to_pylist(),
     }
     if indices is not None:
-        batch["index"] = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        batch["index"] = np.asarray(indices, dtype=np.int64)
     return batch
 
 
-class _TokenLogprob(torch.autograd.Function):
-    """log_softmax(x / T)[target] by chunks of positions, in float32, without keeping [.., V] in float32.
+def to_torch(batch: dict[str, Any], *, pin_memory: bool = False) -> dict[str, Any]:
+    """The batch with its numpy arrays as torch tensors (sharing memory; pinned when asked); needs torch.
 
-    Autograd through `logsumexp(x.float())` would save every float32 chunk for the backward
-    pass, i.e. the whole float32 copy of the logits. Here only the logits (in their own dtype,
-    which autograd keeps anyway) and one float32 number per position (the logsumexp) are saved;
-    the backward recomputes the softmax chunk by chunk.
+    Other values (`sample_id`, `epoch`, ...) are kept as they are.
     """
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, chunk: int, temperature: float) -> torch.Tensor:
-        b, n, _ = logits.shape
-        compute = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 input
-        out = torch.empty((b, n), dtype=compute, device=logits.device)
-        lse = torch.empty_like(out)
-        for s in range(0, n, chunk):
-            x = logits[:, s : s + chunk].to(compute)
-            if temperature != 1.0:
-                x = x / temperature
-            lse[:, s : s + chunk] = torch.logsumexp(x, dim=-1)
-            out[:, s : s + chunk] = x.gather(-1, targets[:, s : s + chunk, None]).squeeze(-1) - lse[:, s : s + chunk]
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.chunk, ctx.temperature = chunk, temperature
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        logits, targets, lse = ctx.saved_tensors
-        chunk, temperature = ctx.chunk, ctx.temperature
-        grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[1], chunk):
-            x = logits[:, s : s + chunk].to(lse.dtype)
-            if temperature != 1.0:
-                x = x / temperature
-            g_out = grad_out[:, s : s + chunk, None].to(lse.dtype)
-            # d/dx [x_y - logsumexp(x)] = onehot(y) - softmax(x), times 1/T for the temperature.
-            g = torch.exp(x - lse[:, s : s + chunk, None]).mul_(-g_out)
-            g.scatter_add_(-1, targets[:, s : s + chunk, None], g_out)
-            if temperature != 1.0:
-                g.div_(temperature)
-            grad[:, s : s + chunk] = g.to(grad.dtype)
-        return grad, None, None, None
+    torch = require_torch("to_torch")
+    out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    if pin_memory:
+        out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+    return out
 
 
-def token_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, *, temperature: float = 1.0, chunk_tokens: int = 8192
-) -> torch.Tensor:
-    """Per-token log-probs of a causal LM, placed at the position of the token they score.
+def collate_batch(
+    table: pa.Table,
+    *,
+    pad_id: int = 0,
+    pad_to_multiple_of: int | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
+) -> dict[str, Any]:
+    """`collate_arrays` as torch tensors (same keys, dtypes and shapes); needs torch."""
+    return to_torch(collate_arrays(table, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of, indices=indices))
 
-    `out[b, t] = log_softmax(logits[b, t - 1] / temperature)[input_ids[b, t]]` for t >= 1 and
-    `out[b, 0] = 0`: logits at t - 1 predict the token at t, so after this shift `out` lines up
-    with `teacher_logprobs` from `collate_batch` (compare them under `response_mask`).
 
-    Computed as gather minus logsumexp in float32, `chunk_tokens` positions at a time, so a
-    bf16 [B, T, V] logits tensor is never copied whole to float32 (forward or backward).
-    Differentiable with respect to `logits`. Returns float32 [B, T] (float64 for float64 logits).
-    """
-    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
-        raise ValueError(f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} do not match")
-    b, t, _ = logits.shape
-    first = torch.zeros((b, 1), dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
-    if t < 2:
-        return first.expand(b, t).clone()
-    chunk = max(1, chunk_tokens // max(b, 1))
-    targets = input_ids[:, 1:].to(device=logits.device, dtype=torch.long)
-    scored = _TokenLogprob.apply(logits[:, :-1], targets, chunk, float(temperature))
-    return torch.cat([first, scored], dim=1)
+def __getattr__(name: str) -> Any:
+    # `token_logprobs` was defined here before it moved to `.logprobs` (it needs torch, collation
+    # does not); `from lopd.client.collate import token_logprobs` keeps working.
+    if name == "token_logprobs":
+        from .logprobs import token_logprobs
+
+        return token_logprobs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ class TrainConfig(LopdSettings):
     url: str = Field(description="Base URL of a `lopd serve` endpoint, e.g. http://host:8000.")
     dataset: str = Field(description="Dataset name on the server.")
     student: Path = Field(description="Student model directory (Hugging Face format, with tokenizer).")
-    out: Path = Field(description="Run directory: checkpoint.pt, metrics.csv, model/.")
+    out: Path = Field(description="Run directory: checkpoint.pt, metrics.csv, eval.csv, model/ (adapter/ with LoRA).")
     steps: int = Field(100, ge=1, description="Optimizer steps to train to (counted from the run's start).")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -29,6 +29,33 @@ class TrainConfig(LopdSettings):
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup steps.")
     max_grad_norm: float | None = Field(1.0, description="Gradient-norm clipping (0: off).")
     device: str = Field("cpu", description="cpu, cuda or cuda:N.")
+    # Mixed precision, not pure low-precision weights: the weights the optimizer updates (and its
+    # moments) stay float32, only the forward runs in --dtype. Distillation lrs of 1e-6 on weights
+    # of ~1e-2 are updates bfloat16's 8-bit mantissa would round away.
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Forward precision (autocast); trained weights stay float32 and the loss is computed in float32. "
+        "float16 adds a dynamic loss scaler. With LoRA the frozen base weights are held in this dtype.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: much less memory, about a third more compute."
+    )
+    lora_rank: int = Field(0, ge=0, description="Train a LoRA adapter of this rank instead of every weight (0: off).")
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA scale numerator (the update is scaled by alpha / rank; default: 2 x rank)."
+    )
+    lora_target_modules: str = Field(
+        "all-linear",
+        description="Modules that get LoRA adapters: comma-separated names (e.g. q_proj,v_proj) or all-linear "
+        "(every linear layer but the output head).",
+    )
+    eval_samples: int = Field(
+        0,
+        ge=0,
+        description="Hold out N samples of the dataset from training and evaluate on them (0: off). They depend "
+        "on N and the dataset version only, not on --seed, so runs compare on the same samples.",
+    )
+    eval_every: int = Field(100, ge=1, description="Evaluate on the held-out samples every N steps (and at the end).")
     seed: int = Field(0, description="Seed of the data order and of torch.")
     version: int | None = Field(None, ge=1, description="Dataset version (default: the latest, pinned).")
     sft_teacher: str | None = Field(
@@ -37,7 +64,9 @@ class TrainConfig(LopdSettings):
     allow_inconsistent: bool = Field(False, description="Train even if teacher or tokenizer consistency fails.")
     resume: bool = Field(False, description="Continue the run saved in --out.")
     token: str | None = Field(None, repr=False, description="Bearer token for the server (or set LOPD_TOKEN).")
-    log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
+    log_every: int = Field(
+        10, ge=1, description="Print a progress line (loss, KL, tokens/s, data-wait share) every N steps."
+    )
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     prefetch: int = Field(4, ge=0, description="Batches fetched ahead of the trainer.")
     clip_eps_low: float = Field(0.2, ge=0, description="PPO ratio clipping epsilon below 1.")
@@ -47,8 +76,8 @@ class TrainConfig(LopdSettings):
     )
     # "rollout": the stored rollout log-probs are the PPO old log-probs, a trust region around the
     # policy that sampled the data, which many passes over the same rollouts need (rows without
-    # rollout log-probs get ratio 1). "current": the policy before this step, ratio 1, the plain
-    # policy gradient.
+    # rollout log-probs get ratio 1; a dataset with none is announced at start). "current": the
+    # policy before this step, ratio 1, the plain policy gradient.
     ratio_reference: Literal["rollout", "current"] = Field(
         "rollout", description="PPO ratio against the rollout policy (stored log-probs) or the current policy."
     )
@@ -58,6 +87,14 @@ class TrainConfig(LopdSettings):
     wandb_project: str = Field("lightning-opd", description="Weights & Biases project.")
     retries: int = Field(5, ge=0, description="Retries of a failed request to the server.")
     timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for the server's answer.")
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _module_names(cls, value: str) -> str:
+        names = [m.strip() for m in value.split(",") if m.strip()]
+        if not names:
+            raise ValueError("name at least one module (e.g. q_proj,v_proj), or use all-linear")
+        return ",".join(names)
 
     @field_validator("max_grad_norm")
     @classmethod

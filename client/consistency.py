@@ -33,6 +33,13 @@ TEACHER_FIX = (
     "Fix: precompute this dataset with the SFT-data teacher (`lopd precompute --teacher <that model>`), "
     "or pass --allow-inconsistent (allow_inconsistent=True) to train anyway, knowingly."
 )
+PROVENANCE_FIX = (
+    "Fix: if the rows were scored by the model that generated the student's SFT data, import them again "
+    "saying so (`lopd import ... --teacher-fingerprint FP --sft-teacher-fingerprint FP`, FP from "
+    "`lopd fingerprint MODEL_DIR`), or pass --allow-inconsistent (allow_inconsistent=True) to train anyway, knowingly."
+)
+# The fingerprint a manifest records for a model nobody named (an import without fingerprints).
+UNKNOWN_FINGERPRINT = "unknown"
 TOKENIZER_FIX = (
     "Token ids mean different tokens to the student and to the teacher, so every stored log-prob would "
     "score the wrong token. Use a student with the teacher's tokenizer, or pass --allow-inconsistent "
@@ -72,7 +79,13 @@ def check_dataset_for_training(
     teacher_problems: list[str] = []
     tokenizer_problems: list[str] = []
 
-    if info.verdict != "consistent":
+    unknown = UNKNOWN_FINGERPRINT in (info.teacher_fingerprint, info.sft_teacher_fingerprint)
+    if info.verdict != "consistent" and unknown:
+        teacher_problems.append(
+            f"{where} is marked {info.verdict} because its provenance is unknown: it was imported without "
+            "fingerprints, so nothing says which teacher scored it or generated the student's SFT data"
+        )
+    elif info.verdict != "consistent":
         teacher_problems.append(
             f"{where} is marked {info.verdict}: it was scored by teacher "
             f"{short_fingerprint(str(info.teacher_fingerprint))}, but the student's SFT data came from "
@@ -105,7 +118,7 @@ def check_dataset_for_training(
         return []
     parts = [f"refusing to train on {where}:"] + [f"  - {p}" for p in problems]
     if teacher_problems:
-        parts += [TEACHER_CONSISTENCY, TEACHER_FIX]
+        parts += [TEACHER_CONSISTENCY, PROVENANCE_FIX if unknown else TEACHER_FIX]
     if tokenizer_problems:
         parts += [TOKENIZER_FIX]
     message = "\n".join(parts)

@@ -1,4 +1,4 @@
-"""Batches for the trainer: `OPDLoader` (threads) and `OPDIterableDataset` (torch DataLoader).
+"""Batches for the trainer: `OPDLoader` (threads); `OPDIterableDataset` (torch DataLoader) builds on it.
 
 Both pin the dataset version when they are built (the latest one unless told otherwise), so an
 epoch never mixes two versions, and both check every batch's content hash against it.
@@ -6,7 +6,11 @@ epoch never mixes two versions, and both check every batch's content hash agains
 Why threads: a batch is one HTTP request plus a numpy scatter, which mostly wait on the network
 or run outside the GIL, so a few threads fetching `prefetch` batches ahead hide the latency
 completely (the trainer's data wait is ~0), without the fork and pickling costs of worker
-processes. `OPDIterableDataset` is there for pipelines built around `torch.utils.data.DataLoader`.
+processes. `OPDIterableDataset` (`torch_dataset.py`) is there for pipelines built around
+`torch.utils.data.DataLoader`.
+
+The loader needs no torch: its batches are numpy arrays, or torch tensors where torch is installed
+(`arrays`), so a training job in another framework installs the client without it.
 
 Resume state counts only batches handed to the trainer, never prefetched ones: a checkpoint
 taken right after batch k resumes with batch k + 1, whatever was in flight.
@@ -14,25 +18,29 @@ taken right after batch k resumes with batch k + 1, whatever was in flight.
 
 from __future__ import annotations
 
-import copy
+import importlib.util
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
-import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
-from .collate import collate_batch
+from .collate import collate_arrays, require_torch, to_torch
 from .http import StoreClient
 from .sampler import EpochSampler
 from .types import DatasetInfo
 
 Position = tuple[int, int, np.ndarray]  # (epoch, batch number in the epoch, dataset indices)
+Arrays = Literal["torch", "numpy"]
 T = TypeVar("T")
+
+
+def default_arrays() -> Arrays:
+    """What batches hold unless told: torch tensors where torch is installed, numpy arrays otherwise."""
+    return "torch" if importlib.util.find_spec("torch") is not None else "numpy"
 
 
 def prefetched(
@@ -71,8 +79,8 @@ def prefetched(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _BatchSource:
-    """What the two loaders share: the pinned dataset version, the sampler, fetch + collate."""
+class BatchSource:
+    """What `OPDLoader` and `OPDIterableDataset` share: the pinned dataset version, the sampler, fetch + collate."""
 
     def __init__(
         self,
@@ -115,11 +123,15 @@ class _BatchSource:
             content_hash=self.info.content_hash,
         )
 
-    def _epochs_left(self) -> int | None:
+    def epochs_left(self) -> int | None:
+        """Epochs still to run from the sampler's position (None: no end)."""
         # num_epochs counts from the start of training, not from a resume point.
         return None if self.num_epochs is None else max(0, self.num_epochs - self.sampler.epoch)
 
-    def _make(self, pos: Position, stop: threading.Event, pin_memory: bool = False) -> dict[str, Any]:
+    def make_batch(
+        self, pos: Position, stop: threading.Event, arrays: Arrays = "torch", pin_memory: bool = False
+    ) -> dict[str, Any]:
+        """The batch at `pos`, fetched and collated, with its `epoch` and `batch_index`; `stop` ends retrying."""
         # A fetch is submitted at the moment a ready batch is handed to the trainer; yielding the GIL
         # once lets that hand-off finish first (median data wait 0.8 -> 0.2 ms, bench/bench_data_wait.py).
         time.sleep(0)
@@ -127,9 +139,9 @@ class _BatchSource:
         table = self.client.fetch(
             self.info.name, indices, self.info.version, expected_content_hash=self.info.content_hash, cancel=stop
         )
-        batch = collate_batch(table, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of, indices=indices)
-        if pin_memory:
-            batch = {k_: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k_, v in batch.items()}
+        batch = collate_arrays(table, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of, indices=indices)
+        if arrays == "torch":
+            batch = to_torch(batch, pin_memory=pin_memory)
         batch["epoch"] = epoch
         batch["batch_index"] = k
         return batch
@@ -146,13 +158,15 @@ class _BatchSource:
         self.sampler.load_state_dict(state)
 
 
-class OPDLoader(_BatchSource):
-    """Iterates collated batches (see `collate_batch`) of one dataset version, prefetching in threads.
+class OPDLoader(BatchSource):
+    """Iterates collated batches (see `collate_arrays`) of one dataset version, prefetching in threads.
 
     Each batch also carries `epoch` and `batch_index`. Iteration runs from the current state to
     the end of epoch `num_epochs - 1` (None: forever, for step-based training) and advances the
     state as batches are yielded; `state_dict()` / `load_state_dict()` resume exactly.
-    `version=None` pins the latest version at construction.
+    `version=None` pins the latest version at construction. `arrays`: `"torch"` tensors or
+    `"numpy"` arrays (same keys, dtypes and shapes); None picks torch where it is installed.
+    `pin_memory` (torch only) pins the tensors for fast copies to a GPU.
     """
 
     def __init__(
@@ -172,8 +186,16 @@ class OPDLoader(_BatchSource):
         pad_id: int = 0,
         pad_to_multiple_of: int | None = None,
         pin_memory: bool = False,
+        arrays: Arrays | None = None,
         info: DatasetInfo | None = None,
     ) -> None:
+        arrays = default_arrays() if arrays is None else arrays
+        if arrays not in ("torch", "numpy"):
+            raise ValueError(f"arrays is {arrays!r}; use 'torch', 'numpy', or None for torch where it is installed")
+        if arrays == "torch":
+            require_torch("OPDLoader(arrays='torch')")  # here, not in a prefetch thread at the first batch
+        elif pin_memory:
+            raise ValueError("pin_memory pins torch tensors; it needs arrays='torch'")
         super().__init__(
             client, dataset, batch_size, seed=seed, rank=rank, world_size=world_size, version=version,
             drop_last=drop_last, shuffle=shuffle, num_epochs=num_epochs, pad_id=pad_id,
@@ -181,6 +203,7 @@ class OPDLoader(_BatchSource):
         )  # fmt: skip
         self.prefetch = prefetch
         self.pin_memory = pin_memory
+        self.arrays: Arrays = arrays
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
@@ -188,59 +211,10 @@ class OPDLoader(_BatchSource):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stream = prefetched(
-            self.sampler.positions(self._epochs_left()),
-            lambda p, stop: self._make(p, stop, self.pin_memory),
+            self.sampler.positions(self.epochs_left()),
+            lambda p, stop: self.make_batch(p, stop, self.arrays, self.pin_memory),
             self.prefetch,
         )
         for _, batch in stream:
             self.sampler.advance()  # the state counts this batch as soon as the trainer has it
             yield batch
-
-
-class OPDIterableDataset(_BatchSource, IterableDataset):  # type: ignore[misc]
-    """A `torch.utils.data.IterableDataset` of whole batches, for `DataLoader(ds, batch_size=None, num_workers=W)`.
-
-    Worker w of W fetches every W-th batch of this rank's stream, so DataLoader's round-robin
-    collection yields exactly the `num_workers=0` order. The dataset cannot see what the
-    DataLoader has handed out, so resume state is taken from a batch: save
-    `ds.state_dict_after(batch)` for the last batch trained on, and `load_state_dict` it into a
-    fresh dataset before building the DataLoader. `prefetch` is per worker.
-    """
-
-    def __init__(
-        self,
-        client: StoreClient,
-        dataset: str,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        prefetch: int = 2,
-        version: int | None = None,
-        drop_last: bool = False,
-        shuffle: bool = True,
-        num_epochs: int | None = 1,
-        pad_id: int = 0,
-        pad_to_multiple_of: int | None = None,
-        info: DatasetInfo | None = None,
-    ) -> None:
-        super().__init__(
-            client, dataset, batch_size, seed=seed, rank=rank, world_size=world_size, version=version,
-            drop_last=drop_last, shuffle=shuffle, num_epochs=num_epochs, pad_id=pad_id,
-            pad_to_multiple_of=pad_to_multiple_of, info=info,
-        )  # fmt: skip
-        self.prefetch = prefetch
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker = get_worker_info()
-        w, n = (0, 1) if worker is None else (worker.id, worker.num_workers)
-        positions = self.sampler.worker_positions(w, n, self._epochs_left())
-        for _, batch in prefetched(positions, self._make, self.prefetch):
-            yield batch
-
-    def state_dict_after(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The resume state just after `batch` (one this dataset produced) was consumed."""
-        sampler = copy.copy(self.sampler)
-        sampler.set_position(int(batch["epoch"]), int(batch["batch_index"]) + 1)
-        return sampler.state_dict()

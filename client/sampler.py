@@ -1,6 +1,6 @@
 """`EpochSampler`: which dataset indices each rank and DataLoader worker reads, in which order.
 
-The order is a pure function of (seed, epoch, num_samples, batch_size, world_size), so every
+The order is a pure function of (seed, epoch, num_samples, exclude, batch_size, world_size), so every
 rank computes the same permutation with no communication, and a resumed job recomputes it
 instead of storing it. Resume state is the small JSON-able dict of `state_dict()`.
 
@@ -12,6 +12,8 @@ Partitioning, from the permutation `perm` of one epoch:
 * The tail (fewer than G samples) is split as evenly as possible between ranks, so every
   sample is used exactly once per epoch; ranks may then differ by one (smaller) batch. Pass
   `drop_last=True` to drop the tail instead, which keeps DDP ranks in lockstep.
+* `exclude` (e.g. a held-out evaluation set) takes indices out of every epoch: the permutation is
+  then of the remaining indices, and "every sample exactly once" holds for them.
 * DataLoader workers: the stream of this rank's remaining batches is dealt round-robin, batch j
   of the stream to worker j % W. DataLoader collects from workers round-robin too, so it yields
   exactly the order that `num_workers=0` yields.
@@ -19,7 +21,8 @@ Partitioning, from the permutation `perm` of one epoch:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,6 +53,7 @@ class EpochSampler:
         dataset: str | None = None,
         version: int | None = None,
         content_hash: str | None = None,
+        exclude: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size is {batch_size}; it must be at least 1")
@@ -69,30 +73,42 @@ class EpochSampler:
         self.dataset = dataset
         self.version = version
         self.content_hash = content_hash
+        self.excluded = np.unique(np.asarray([] if exclude is None else exclude, dtype=np.int64))
+        if self.excluded.size and not (0 <= self.excluded[0] and self.excluded[-1] < self.num_samples):
+            raise ValueError(f"exclude holds indices outside 0..{self.num_samples - 1}")
+        # The indices an epoch draws from (None: all of them, the order of a sampler without exclusions).
+        self._pool = np.setdiff1d(np.arange(self.num_samples), self.excluded) if self.excluded.size else None
+        self.epoch_size = self.num_samples - int(self.excluded.size)
+        if self.epoch_size < 1:
+            raise ValueError(
+                f"excluding {self.excluded.size} of {self.num_samples} samples leaves none to draw; exclude fewer"
+            )
         self.epoch = 0
         self.batches_consumed = 0
         self._cache: tuple[int, list[np.ndarray]] | None = None
         if len(self) == 0:  # also keeps an endless multi-epoch walk from spinning without yielding
             if not self.drop_last:
                 raise ValueError(
-                    f"the dataset has {self.num_samples} samples, fewer than world_size {self.world_size}: "
-                    f"rank {self.rank} would get none; use at most {self.num_samples} ranks"
+                    f"the dataset has {self.epoch_size} samples to draw, fewer than world_size {self.world_size}: "
+                    f"rank {self.rank} would get none; use at most {self.epoch_size} ranks"
                 )
             g = self.batch_size * self.world_size
             raise ValueError(
-                f"drop_last with {self.num_samples} samples and a global batch of {g} "
+                f"drop_last with {self.epoch_size} samples to draw and a global batch of {g} "
                 f"(batch_size {self.batch_size} x world_size {self.world_size}) leaves no batch; "
-                f"lower batch_size to at most {self.num_samples // self.world_size} or turn drop_last off"
+                f"lower batch_size to at most {self.epoch_size // self.world_size} or turn drop_last off"
             )
 
     # -- the order ---------------------------------------------------------------------------
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The whole epoch's order, the same on every rank."""
+        """The whole epoch's order (dataset indices, less the excluded ones), the same on every rank."""
         if not self.shuffle:
-            return np.arange(self.num_samples, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, int(epoch)])
-        return rng.permutation(self.num_samples).astype(np.int64)
+            order = np.arange(self.epoch_size, dtype=np.int64)
+        else:
+            rng = np.random.default_rng([self.seed, int(epoch)])
+            order = rng.permutation(self.epoch_size).astype(np.int64)
+        return order if self._pool is None else self._pool[order]
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of `epoch`, in order (cached for the latest epoch asked for)."""
@@ -100,7 +116,7 @@ class EpochSampler:
             return self._cache[1]
         perm = self.permutation(epoch)
         g = self.batch_size * self.world_size
-        full = self.num_samples // g
+        full = self.epoch_size // g
         lo = self.rank * self.batch_size
         batches = [perm[k * g + lo : k * g + lo + self.batch_size] for k in range(full)]
         tail = perm[full * g :]
@@ -114,8 +130,8 @@ class EpochSampler:
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
         g = self.batch_size * self.world_size
-        full = self.num_samples // g
-        tail = self.num_samples - full * g
+        full = self.epoch_size // g
+        tail = self.epoch_size - full * g
         if self.drop_last or tail == 0:
             return full
         # array_split gives the first (tail % world_size) ranks one more sample than the others.
@@ -167,6 +183,22 @@ class EpochSampler:
             self.advance()
             yield indices
 
+    def excluding(self, indices: Sequence[int] | np.ndarray) -> EpochSampler:
+        """A sampler with the same settings that never draws `indices` (at the start of epoch 0).
+
+        The exclusion is part of the resume state: a state saved with other exclusions is refused.
+        """
+        return EpochSampler(
+            self.num_samples, self.batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size,
+            drop_last=self.drop_last, shuffle=self.shuffle, dataset=self.dataset, version=self.version,
+            content_hash=self.content_hash, exclude=np.union1d(self.excluded, np.asarray(indices, dtype=np.int64)),
+        )  # fmt: skip
+
+    def _excluded_digest(self) -> str | None:
+        if not self.excluded.size:
+            return None
+        return "sha256:" + hashlib.sha256(self.excluded.astype("<i8").tobytes()).hexdigest()
+
     # -- resume ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -185,6 +217,8 @@ class EpochSampler:
             "world_size": self.world_size,
             "rank": self.rank,
             "drop_last": self.drop_last,
+            "excluded": self._excluded_digest(),
+            "num_excluded": int(self.excluded.size),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -206,6 +240,12 @@ class EpochSampler:
         if state.get("num_samples") != self.num_samples:
             raise ResumeMismatch(
                 f"the checkpoint's dataset had {state.get('num_samples')} samples, this one has {self.num_samples}"
+            )
+        if state.get("excluded") != self._excluded_digest():
+            raise ResumeMismatch(
+                f"the checkpoint's loader left out {state.get('num_excluded', 0)} samples (e.g. held out for "
+                f"evaluation), this one leaves out {self.excluded.size}, or other ones; the order of the rest of "
+                "the epoch depends on them: resume with the same exclusions (the same --eval-samples)"
             )
         for key in ("seed", "shuffle", "batch_size", "world_size", "drop_last"):
             if key in state and state[key] != getattr(self, key):

@@ -1,17 +1,17 @@
 """A reference Lightning OPD trainer for Hugging Face causal LMs, readable top to bottom.
 
 One process, one device. The data comes from a `lopd serve` endpoint through `OPDLoader`; the
-objective is `lightning_opd_loss`; everything needed to continue a run exactly (model,
-optimizer, step, RNG and the loader's position in its epoch) is one checkpoint dict.
+objective is `lightning_opd_loss`, computed in float32 whatever the forward's precision;
+everything needed to continue a run exactly (the model or its LoRA adapter, optimizer, loss
+scaler, step, RNG and the loader's position in its epoch) is one checkpoint dict. The student's
+setup (precision, LoRA, gradient checkpointing) is `student.py`, the evaluation on held-out
+samples `evaluation.py`, and the files of the run directory `rundir.py`.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,24 +20,47 @@ from typing import Any
 
 import torch
 
+from lopd.config import flag
 from lopd.errors import Conflict, InvalidInput, NotFound
 
-from .collate import token_logprobs
 from .config import TrainConfig
 from .consistency import check_dataset_for_training
+from .evaluation import HeldOut, evaluate, held_out_indices
 from .http import StoreClient
 from .loader import OPDLoader
+from .logprobs import token_logprobs
 from .loss import lightning_opd_loss
+from .rundir import (
+    ADAPTER_DIR,
+    CHECKPOINT,
+    EVAL,
+    EVAL_COLUMNS,
+    METRIC_COLUMNS,
+    METRICS,
+    MODEL_DIR,
+    CSVLog,
+    atomic_torch_save,
+    open_sinks,
+)
+from .student import (
+    autocast,
+    export_student,
+    grad_scaler,
+    load_student,
+    load_student_state,
+    student_state,
+    trainable_parameters,
+)
+from .types import DatasetInfo
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.csv"
-MODEL_DIR = "model"
-METRIC_COLUMNS = (
-    "step", "loss", "mean_advantage", "reverse_kl", "clip_frac", "data_wait_s", "step_time_s", "tokens",
-    "mean_importance_weight", "lr", "epoch",
-)  # fmt: skip
+__all__ = ["CHECKPOINT", "EVAL", "METRICS", "METRIC_COLUMNS", "MODEL_DIR", "TrainConfig", "TrainResult"]
+__all__ += ["train_student"]
+
+# Settings that shape the run itself (the trained parameters, the training samples): a resumed
+# run with other values would not be a continuation.
+RESUME_FIXED = ("lora_rank", "lora_alpha", "lora_target_modules", "eval_samples")
 
 
 @dataclass
@@ -45,85 +68,10 @@ class TrainResult:
     step: int
     out: Path
     last_metrics: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
 
 
 # -- small helpers the loop uses -----------------------------------------------------------------
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary name, fsync, rename: a crash leaves the old checkpoint or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _export_model(model: Any, tokenizer: Any, dest: Path) -> None:
-    """save_pretrained into a fresh directory, then swap it in, so `dest` is never half-written."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    old = dest.with_name(f".{dest.name}.old")
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-class MetricsCSV:
-    """metrics.csv, one row per optimizer step; on resume, rows after the checkpoint's step are
-    dropped (they belong to steps that will be trained again)."""
-
-    def __init__(self, path: Path, resume_step: int) -> None:
-        self.path = path
-        kept: list[dict[str, str]] = []
-        if resume_step > 0 and path.exists():
-            with open(path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(kept)
-
-    def write(self, row: dict[str, float]) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore").writerow(row)
-
-
-def _open_sinks(cfg: TrainConfig) -> list[Callable[[dict[str, float], int], None]]:
-    """Optional TensorBoard / W&B logging, imported only when asked for."""
-    sinks: list[Callable[[dict[str, float], int], None]] = []
-    if cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise InvalidInput("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-        writer = SummaryWriter(log_dir=str(cfg.out / "tensorboard"))
-
-        def to_tensorboard(m: dict[str, float], step: int) -> None:
-            for k, v in m.items():
-                if k != "step":
-                    writer.add_scalar(k, v, step)
-            writer.flush()
-
-        sinks.append(to_tensorboard)
-    if cfg.wandb:
-        try:
-            import wandb
-        except ImportError as e:
-            raise InvalidInput("--wandb needs the wandb package: pip install wandb") from e
-        run = wandb.init(project=cfg.wandb_project, config=cfg.to_json(), dir=str(cfg.out))
-        sinks.append(lambda m, step: run.log(m, step=step))
-    return sinks
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -131,6 +79,65 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     return cfg.lr
+
+
+def _check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
+    for key in RESUME_FIXED:
+        theirs, ours = saved.get(key, TrainConfig.model_fields[key].default), getattr(cfg, key)
+        if theirs != ours:
+            raise InvalidInput(
+                f"the checkpoint was trained with {flag(key)} {theirs}, not {ours}; resume with the same value"
+            )
+
+
+def _warn_if_no_trust_region(cfg: TrainConfig, info: DatasetInfo) -> None:
+    """Say it, once and before training, when `--ratio-reference rollout` has nothing to refer to."""
+    source = (info.raw.get("provenance") or {}).get("rollout_logprobs_source")
+    if cfg.ratio_reference != "rollout" or source != "none":
+        return
+    log.warning(
+        "dataset %s v%s stores no rollout log-probs, so --ratio-reference rollout falls back to ratio 1: the plain "
+        "policy gradient, with no trust region (clip fraction 0%s). To train with a trust region around the "
+        "policy that sampled the rollouts, store its log-probs: lopd precompute ... --rollout-policy DIR. "
+        "Pass --ratio-reference current to ask for the plain policy gradient explicitly",
+        info.name, info.version, "; --tis-cap has no effect either" if cfg.tis_cap else "",
+    )  # fmt: skip
+
+
+def _to(b: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+
+def opd_batch_loss(
+    cfg: TrainConfig, model: Any, amp: Any, b: dict[str, Any], token_count: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The Lightning OPD loss of one batch (on the model's device) and its metrics, in float32.
+
+    `amp` is the forward's precision context (`student.autocast`); `token_count` the token mean's
+    denominator (all micro-batches of the step, so that their losses add up to the step's mean).
+    """
+    with amp:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+    # Outside autocast: the log-probs are gathered in float32 from the (bf16) logits, chunk by chunk,
+    # so the advantage, the ratio and the loss are float32 whatever --dtype is.
+    student_lp = token_logprobs(logits, b["input_ids"])  # aligned with teacher_logprobs
+    old = None
+    if cfg.ratio_reference == "rollout":  # rows without rollout log-probs keep ratio 1
+        has = b["has_rollout_logprobs"][:, None].expand_as(student_lp)
+        old = torch.where(has, b["rollout_logprobs"], student_lp.detach())
+    return lightning_opd_loss(
+        student_lp,
+        b["teacher_logprobs"],
+        b["response_mask"],
+        old_logprobs=old,
+        rollout_logprobs=b["rollout_logprobs"],
+        has_rollout_logprobs=b["has_rollout_logprobs"],
+        clip_eps_low=cfg.clip_eps_low,
+        clip_eps_high=cfg.clip_eps_high,
+        tis_cap=cfg.tis_cap,
+        normalize=cfg.normalize,  # type: ignore[arg-type]
+        token_count=token_count if cfg.normalize == "token" else None,
+    )
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -148,7 +155,7 @@ def train_student(
     `on_step(step, model)` runs after every optimizer step with the model in eval mode (evaluation
     during training); its time is excluded from the step time in metrics.csv.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidInput(f"device {cfg.device!r} asked for, but torch sees no CUDA device; use --device cpu")
@@ -159,9 +166,13 @@ def train_student(
         if not ckpt_path.is_file():
             raise NotFound(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        _check_resumable(cfg, ckpt["config"])
     elif ckpt_path.exists():
         raise Conflict(f"{cfg.out} already holds a checkpoint; pass --resume to continue it, or choose another --out")
-    sinks = _open_sinks(cfg)  # fail on a missing optional package before anything slow
+    # Fail on a missing optional package before anything slow.
+    sinks = open_sinks(
+        cfg.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb, wandb_project=cfg.wandb_project, config=cfg.to_json()
+    )
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
 
@@ -178,46 +189,85 @@ def train_student(
     )
     if info.temperature not in (None, 1.0):
         log.warning("the teacher scored at temperature %s; the student is scored at 1.0", info.temperature)
+    _warn_if_no_trust_region(cfg, info)
     echo(f"dataset {info.name} v{info.version}: {info.num_samples} samples, {info.verdict}")
 
-    model: Any = AutoModelForCausalLM.from_pretrained(str(cfg.student), dtype=torch.float32).to(device)  # type: ignore[arg-type]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The student: the weights AdamW updates are float32, the forward runs in --dtype (student.py).
+    model = load_student(cfg, device)
+    amp = autocast(cfg, device)
+    scaler = grad_scaler(cfg, device)
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_all = sum(p.numel() for p in model.parameters())
+    what = f"LoRA rank {cfg.lora_rank} on {cfg.lora_target_modules}" if cfg.lora_rank else "every weight"
+    echo(f"student: training {sum(p.numel() for p in params):,} of {n_all:,} parameters ({what}), forward in "
+         f"{cfg.dtype}" + (", gradient checkpointing" if cfg.gradient_checkpointing else ""))  # fmt: skip
+
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = OPDLoader(
         client, cfg.dataset, cfg.batch_size, seed=cfg.seed, prefetch=cfg.prefetch, num_epochs=None,
         pad_id=pad_id, pin_memory=device.type == "cuda", info=info,
     )  # fmt: skip
+    held_out: HeldOut | None = None
+    if cfg.eval_samples:
+        indices = held_out_indices(info.num_samples, cfg.eval_samples)
+        loader.sampler = loader.sampler.excluding(indices)  # never trained on; part of the loader's resume state
+        held_out = HeldOut(client, info, indices, cfg.batch_size, pad_id)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_student_state(cfg, model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["loader"])  # refuses other content, other batch size, other seed
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        loader.load_state_dict(ckpt["loader"])  # refuses other content, batch size, seed or held-out set
         torch.set_rng_state(ckpt["rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # dropout on the GPU draws from it
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         step = int(ckpt["step"])
         echo(f"resumed from {ckpt_path} at step {step} (epoch {loader.sampler.epoch}, "
              f"batch {loader.sampler.batches_consumed} of {len(loader)})")  # fmt: skip
-    metrics_csv = MetricsCSV(cfg.out / METRICS, resume_step=step)
+    metrics_csv = CSVLog(cfg.out / METRICS, METRIC_COLUMNS, resume_step=step)
+    eval_csv = CSVLog(cfg.out / EVAL, EVAL_COLUMNS, resume_step=step) if held_out is not None else None
+
+    def batch_loss(b: dict[str, Any], token_count: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return opd_batch_loss(cfg, model, amp, _to(b, device), token_count)
+
+    def run_eval(held_out: HeldOut) -> dict[str, float]:
+        result = {"step": step, **evaluate(model, held_out, batch_loss, normalize=cfg.normalize)}
+        if eval_csv is not None:
+            eval_csv.write(result)
+        for sink in sinks:
+            sink({"eval_loss": result["eval_loss"], "eval_reverse_kl": result["eval_reverse_kl"]}, step)
+        echo(f"eval at step {step}: loss {result['eval_loss']:.4f}, reverse KL {result['eval_reverse_kl']:.4f} "
+             f"({len(held_out.indices)} held-out samples, {int(result['eval_tokens'])} tokens)")  # fmt: skip
+        return result
 
     def save_checkpoint() -> None:
-        _atomic_torch_save(
+        atomic_torch_save(
             {
-                "model": model.state_dict(),
+                "model": student_state(cfg, model),  # under LoRA, the adapter only
                 "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),  # empty unless float16
                 "config": cfg.to_json(),
                 "step": step,
                 "loader": loader.state_dict(),
                 "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             },
             ckpt_path,
         )
-        _export_model(model, tokenizer, cfg.out / MODEL_DIR)
+        export_student(cfg, model, tokenizer, cfg.out / MODEL_DIR, cfg.out / ADAPTER_DIR)
 
     if step >= cfg.steps:
         echo(f"already at step {step} of {cfg.steps}; nothing to do (raise --steps to train on)")
     batches = iter(loader)
-    model.train()
     row: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    window_tokens, window_time, window_wait, window_steps = 0, 0.0, 0.0, 0  # since the last progress line
     try:
+        if held_out is not None and step == 0 < cfg.steps:
+            last_eval = run_eval(held_out)  # the starting point of the curve
+        model.train()
         while step < cfg.steps:
             t0 = time.perf_counter()
             lr = _lr_at(cfg, step)
@@ -239,37 +289,19 @@ def train_student(
             clip_sum = torch.zeros((), device=device)
             weight_sum = torch.zeros((), device=device)
             for b in micro:
-                b = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                student_lp = token_logprobs(logits, b["input_ids"])  # aligned with teacher_logprobs
-                old = None
-                if cfg.ratio_reference == "rollout":  # rows without rollout log-probs keep ratio 1
-                    has = b["has_rollout_logprobs"][:, None].expand_as(student_lp)
-                    old = torch.where(has, b["rollout_logprobs"], student_lp.detach())
-                loss, m = lightning_opd_loss(
-                    student_lp,
-                    b["teacher_logprobs"],
-                    b["response_mask"],
-                    old_logprobs=old,
-                    rollout_logprobs=b["rollout_logprobs"],
-                    has_rollout_logprobs=b["has_rollout_logprobs"],
-                    clip_eps_low=cfg.clip_eps_low,
-                    clip_eps_high=cfg.clip_eps_high,
-                    tis_cap=cfg.tis_cap,
-                    normalize=cfg.normalize,  # type: ignore[arg-type]
-                    token_count=max(n_tokens, 1) if cfg.normalize == "token" else None,
-                )
+                loss, m = batch_loss(b, max(n_tokens, 1))
                 if cfg.normalize == "sequence":
                     loss = loss / cfg.grad_accum
-                loss.backward()
-                del logits  # the [B, T, V] logits are the largest activation; drop them before the next forward
+                scaler.scale(loss).backward()  # float16: scaled so small gradients do not underflow
                 loss_sum += loss.detach()
                 adv_sum += m["mean_advantage"] * m["tokens"]
                 clip_sum += m["clip_frac"] * m["tokens"]
                 weight_sum += m["mean_importance_weight"] * m["tokens"]
+            scaler.unscale_(optimizer)  # clip the true gradients
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(optimizer)  # float16: skipped when gradients overflowed (the scale then drops)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory until the next backward
             step += 1
 
@@ -293,12 +325,24 @@ def train_student(
             metrics_csv.write(row)
             for sink in sinks:
                 sink(row, step)
+            window_tokens += n_tokens
+            window_time += row["step_time_s"]
+            window_wait += data_wait
+            window_steps += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
+                # Throughput over the steps since the last line, training steps only (no eval, no checkpoint).
+                memory = ""
+                if device.type == "cuda":
+                    memory = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
                 echo(
                     f"step {step}/{cfg.steps}: loss {row['loss']:.4f}, reverse KL {row['reverse_kl']:.4f}, "
-                    f"clip {row['clip_frac']:.3f}, data wait {data_wait * 1e3:.1f} ms, "
-                    f"step {row['step_time_s']:.2f} s"
+                    f"clip {row['clip_frac']:.3f} | {window_tokens / window_time:,.0f} response tokens/s, "
+                    f"data wait {100 * window_wait / window_time:.1f}%, {window_time / window_steps:.2f} s/step"
+                    + memory
                 )
+                window_tokens, window_time, window_wait, window_steps = 0, 0.0, 0.0, 0
+            if held_out is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                last_eval = run_eval(held_out)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint()
             if on_step is not None:
@@ -308,4 +352,4 @@ def train_student(
     finally:
         batches.close()  # type: ignore[attr-defined]  # a generator: closing it stops the prefetch threads
         client.close()
-    return TrainResult(step=step, out=cfg.out, last_metrics=row)
+    return TrainResult(step=step, out=cfg.out, last_metrics=row, last_eval=last_eval)

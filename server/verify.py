@@ -19,6 +19,7 @@ from pydantic_settings import NoDecode
 from lopd.arrow import list_column
 from lopd.config import ARGUMENT, LopdSettings
 from lopd.fingerprint import model_fingerprint
+from lopd.storage import layout
 from lopd.storage.reader import Store
 
 from .teachers import DEFAULT_BACKEND, ScoringJob, TeacherOptions, backend_options
@@ -33,7 +34,7 @@ class VerifyReport:
     tokens: int
     max_abs_diff: float
     mean_abs_diff: float
-    worst_sample_id: str
+    worst_sample_id: str | None  # the sample with the largest difference; None when every difference is 0
     tolerance: float
     teacher_fingerprint: str
     manifest_teacher_fingerprint: str
@@ -48,6 +49,15 @@ class VerifyReport:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "fingerprint_matches": self.fingerprint_matches, "passed": self.passed}
+
+    def summary(self) -> str:
+        """One line: the verdict, what was compared, the differences, and the worst sample when any differs."""
+        worst = "all samples identical" if self.worst_sample_id is None else f"worst sample {self.worst_sample_id}"
+        return (
+            f"{'PASSED' if self.passed else 'FAILED'}: {self.dataset} v{self.version}, {self.samples} samples, "
+            f"{self.tokens} tokens: max |diff| {self.max_abs_diff:.3g}, mean {self.mean_abs_diff:.3g} "
+            f"(tolerance {self.tolerance:g}; {worst})"
+        )
 
 
 class VerifyConfig(LopdSettings):
@@ -69,6 +79,11 @@ class VerifyConfig(LopdSettings):
     @classmethod
     def _backend(cls, value: Any) -> TeacherOptions:
         return backend_options(value)
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store(cls, value: Any) -> Any:
+        return layout.check_store_path(value) if isinstance(value, (str, Path)) else value
 
 
 def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
@@ -93,6 +108,7 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
     per_sample_max = [float(d.max()) for d in diffs]
     worst = int(np.argmax(per_sample_max))
     all_diffs = np.concatenate(diffs)
+    differs = per_sample_max[worst] != 0  # argmax of all zeros is sample 0, no worse than the others (NaN differs)
     return VerifyReport(
         dataset=ds.name,
         version=ds.version,
@@ -100,7 +116,7 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
         tokens=int(all_diffs.size),
         max_abs_diff=float(all_diffs.max()),
         mean_abs_diff=float(all_diffs.mean()),
-        worst_sample_id=table["sample_id"][worst].as_py(),
+        worst_sample_id=table["sample_id"][worst].as_py() if differs else None,
         tolerance=tolerance,
         teacher_fingerprint=model_fingerprint(teacher),
         manifest_teacher_fingerprint=ds.manifest.provenance.teacher.fingerprint,

@@ -41,15 +41,23 @@ from lopd.errors import InvalidInput
 from lopd.fingerprint import tokenizer_fingerprint
 
 from .atomic import atomic_write
-from .manifest import Consistency, Manifest, ModelRef, Provenance, RolloutSource
+from .manifest import (
+    IMPORT_BACKEND_PREFIX,
+    UNKNOWN_FINGERPRINT,
+    Consistency,
+    Manifest,
+    ModelRef,
+    Provenance,
+    RolloutSource,
+)
 from .reader import Store
 from .schema import FORMAT_VERSION, build_table
 from .staging import RunPlan
 from .writer import write_run
 
 FORMAT_NAME = "lightning-opd"
-IMPORT_BACKEND = "import:lightning-opd"
-UNKNOWN = "unknown"
+IMPORT_BACKEND = f"{IMPORT_BACKEND_PREFIX}{FORMAT_NAME}"
+UNKNOWN = UNKNOWN_FINGERPRINT
 
 
 def lightning_opd_schema(with_student_log_probs: bool) -> pa.Schema:

@@ -10,15 +10,20 @@
         .staging/<run-key>/           an unfinished precompute run
           plan.json
           part-000000.parquet ...     finished parts (each published atomically)
-        .lock                         serialises version allocation and publishing
+        .lock                         serialises version allocation, publishing and gc
+        .gc-v3-<random>/              a version (or, under .staging/, a run) being removed by gc
+      .readers/<host>-<pid>-<rand>.json   a live reader's lease (storage/readers.py)
 
 Dataset names come from users and URLs, so they are validated here and never used to build a
-path before passing `validate_name`.
+path before passing `validate_name`. Store paths are local (or mounted) directories:
+`check_store_path` refuses URLs until object storage exists.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import uuid
 from pathlib import Path
 
 from lopd.errors import Corrupt, InvalidInput
@@ -28,10 +33,33 @@ MANIFEST = "manifest.json"
 SKIPPED = "skipped.parquet"
 PLAN = "plan.json"
 STAGING = ".staging"
-LOCK = ".lock"
+LOCK = ".lock"  # in a dataset directory: publishers and gc; in a run's staging directory: its workers
+READERS = ".readers"
+TOMBSTONE_PREFIX = ".gc-"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
+# `scheme://...` as typed, or `scheme:/...` once `pathlib.Path` has collapsed the double slash. Two letters
+# at least, so a Windows drive (`C:/`) is not a scheme.
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+def check_store_path(path: str | os.PathLike[str]) -> Path:
+    """`path` as a store directory; `InvalidInput` for a URL (`s3://bucket/x`), which is not supported yet.
+
+    Without this check `Path("s3://bucket/x")` is the local relative directory `s3:/bucket/x`, and a
+    job would silently write its store there.
+    """
+    text = os.fspath(path)
+    m = _URL_RE.match(text)
+    if m:
+        shown = f"{m.group(1)}://{text[m.end() :].lstrip('/')}"  # as typed, before Path collapsed the slashes
+        raise InvalidInput(
+            f"store {shown!r} is a URL ({m.group(1)}://); stores are local or mounted directories for now: mount "
+            "the bucket (s3fs, gcsfuse, ...) and give its path (for a local directory really named so, give its "
+            "absolute path)"
+        )
+    return Path(path)
 
 
 def validate_name(name: str) -> str:
@@ -83,3 +111,17 @@ def staging_dir(store: Path, name: str, run_key: str) -> Path:
     if not re.fullmatch(r"[0-9a-f]{16,64}", run_key):
         raise InvalidInput(f"invalid run key {run_key!r}")
     return staging_root(store, name) / run_key[:16]
+
+
+def readers_dir(store: Path) -> Path:
+    """Where live readers keep their leases (`storage.readers`)."""
+    return store / READERS
+
+
+def tombstone_for(path: Path) -> Path:
+    """A fresh name next to `path` that no reader lists (not a version, not a run): where gc moves it first."""
+    return path.with_name(f"{TOMBSTONE_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+
+
+def is_tombstone(name: str) -> bool:
+    return name.startswith(TOMBSTONE_PREFIX)

@@ -8,7 +8,6 @@ data, which tokenizer gives the ids their meaning, which policy sampled the roll
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,12 @@ from lopd.errors import Corrupt
 
 from .atomic import atomic_write_bytes
 from .schema import FORMAT_VERSION
+
+# The fingerprint recorded for a model the store cannot name (an import without --teacher-fingerprint or
+# --sft-teacher-fingerprint): a dataset with it has unknown provenance, so it is never `consistent`.
+UNKNOWN_FINGERPRINT = "unknown"
+# `provenance.backend` of a version imported from another layout: "import:<format>".
+IMPORT_BACKEND_PREFIX = "import:"
 
 
 class _Model(BaseModel):
@@ -47,7 +52,10 @@ class Consistency(_Model):
     """Teacher consistency: the scoring teacher must be the model that generated the SFT data."""
 
     teacher_consistent: bool = Field(description="Scoring teacher fingerprint == SFT-data teacher fingerprint.")
-    mismatch_allowed: bool = Field(description="Built with --allow-teacher-mismatch.")
+    mismatch_allowed: bool = Field(
+        description="Published although not proven consistent: built with --allow-teacher-mismatch, or imported "
+        "with other or unknown fingerprints."
+    )
     rollout_tokenizer_checked: bool = Field(
         description="The rollouts' tokenizer was declared and equals the teacher's (else it was assumed)."
     )
@@ -78,6 +86,29 @@ class Provenance(_Model):
     consistency: Consistency
     tool_version: str
 
+    @property
+    def provenance_known(self) -> bool:
+        """False when the scoring teacher or the SFT-data teacher is unknown (an import without fingerprints)."""
+        return UNKNOWN_FINGERPRINT not in (self.teacher.fingerprint, self.sft_teacher_fingerprint)
+
+
+def verdict_explanation(prov: Provenance) -> str:
+    """Why a version has its verdict, and for an inconsistent one what would fix it (one line, for people)."""
+    if prov.consistency.teacher_consistent:
+        return "the scoring teacher is the model that generated the SFT data"
+    if not prov.provenance_known:
+        return (
+            "provenance unknown: imported without fingerprints, so nothing says which teacher scored the rows or "
+            "generated the SFT data. If it was one model, import again with `lopd import --teacher-fingerprint FP "
+            "--sft-teacher-fingerprint FP` (`lopd fingerprint MODEL_DIR` prints FP)"
+        )
+    imported = prov.backend.startswith(IMPORT_BACKEND_PREFIX)
+    how = "imported with these fingerprints" if imported else "built with --allow-teacher-mismatch"
+    return (
+        f"scored by teacher {prov.teacher.fingerprint}, but the SFT data came from {prov.sft_teacher_fingerprint} "
+        f"({how}); score it again with the SFT-data teacher (`lopd precompute --teacher <that model>`)"
+    )
+
 
 class FileEntry(_Model):
     path: str = Field(description="File name relative to the version directory.")
@@ -100,7 +131,10 @@ class Manifest(_Model):
     format_version: int = FORMAT_VERSION
     name: str
     version: int
-    content_hash: str = Field(description="sha256 over the shards' checksums in order: equal content, equal hash.")
+    content_hash: str = Field(
+        description="sha256 over the samples' values in dataset order (`schema.ContentHasher`): equal content, "
+        "equal hash, whatever the run, the part sizes or the shards' footer metadata."
+    )
     run_key: str = Field(description="Hash of the inputs and settings that produced this version.")
     created_at: datetime
     num_samples: int
@@ -109,13 +143,6 @@ class Manifest(_Model):
     files: list[FileEntry]
     coverage: Coverage
     provenance: Provenance
-
-
-def content_hash(files: list[FileEntry]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.path}\0{f.sha256}\n".encode())
-    return "sha256:" + h.hexdigest()
 
 
 def now_utc() -> datetime:

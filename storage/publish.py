@@ -4,7 +4,8 @@ Publishing checks that every planned part is present, intact and scored by the p
 links the parts into a new version directory, writes the manifest last, and renames the whole
 directory into place in one step. Readers see the old set of versions or the new one, never a
 version without its manifest. Parts are hard-linked (not moved), so a crash while publishing
-loses nothing: the staging area is deleted only after the version exists.
+loses nothing: the staging area is deleted only after the version exists (and `.staging/` with
+it once no run is left).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from lopd.errors import Corrupt, NotFound
 
 from . import layout
 from .atomic import atomic_write, fsync_dir
-from .manifest import Coverage, FileEntry, Manifest, content_hash, now_utc, read_manifest, write_manifest
-from .schema import TOKEN_COLUMNS, token_lengths
-from .staging import RunPlan, Staging, check_part, list_staging_plans, missing_parts
+from .manifest import Coverage, FileEntry, Manifest, now_utc, read_manifest, write_manifest
+from .schema import COLUMNS, ContentHasher, token_lengths
+from .staging import RunPlan, Staging, check_part, list_staging_plans, missing_parts, remove_if_empty
 
 _SKIPPED_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), pa.field("reason", pa.string())])
 
@@ -88,7 +89,7 @@ def publish(staging: Staging, plan: RunPlan) -> Manifest:
     with dataset_lock(store, dataset):
         existing = find_published_run(store, dataset, plan.run_key)
         if existing is not None:
-            shutil.rmtree(staging.dir, ignore_errors=True)
+            _remove_staging(staging)
             return existing
         missing = missing_parts(staging, plan)
         if missing:
@@ -99,12 +100,12 @@ def publish(staging: Staging, plan: RunPlan) -> Manifest:
         tmp = ddir / f".tmp-{layout.version_dir_name(version)}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            files, prompt_tokens = _link_parts(staging, plan, tmp)
+            files, prompt_tokens, content_hash = _link_parts(staging, plan, tmp)
             skipped_entry = _write_skipped(plan, tmp)
             manifest = Manifest(
                 name=dataset,
                 version=version,
-                content_hash=content_hash(files),
+                content_hash=content_hash,
                 run_key=plan.run_key,
                 created_at=now_utc(),
                 num_samples=sum(f.num_samples for f in files),
@@ -127,8 +128,14 @@ def publish(staging: Staging, plan: RunPlan) -> Manifest:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        shutil.rmtree(staging.dir, ignore_errors=True)
+        _remove_staging(staging)
         return manifest
+
+
+def _remove_staging(staging: Staging) -> None:
+    """Remove a published run's staging directory, and `.staging/` when no other run is left in it."""
+    shutil.rmtree(staging.dir, ignore_errors=True)
+    remove_if_empty(staging.dir.parent)
 
 
 @dataclass(frozen=True)
@@ -161,16 +168,19 @@ def finalize(store: Path, dataset: str) -> list[FinalizeResult]:
     results = []
     for _, plan in plans:
         staging = Staging(store, dataset, plan.run_key)
-        missing = missing_parts(staging, plan)
-        manifest = None if missing else publish(staging, plan)
+        with staging.hold():  # a worker's lock: gc leaves the run alone meanwhile
+            missing = missing_parts(staging, plan)
+            manifest = None if missing else publish(staging, plan)
         results.append(FinalizeResult(plan.run_key, len(plan.parts), missing, manifest))
     return results
 
 
-def _link_parts(staging: Staging, plan: RunPlan, dest: Path) -> tuple[list[FileEntry], int]:
+def _link_parts(staging: Staging, plan: RunPlan, dest: Path) -> tuple[list[FileEntry], int, str]:
+    """Link every part into `dest`; their file entries, the prompt tokens and the content hash."""
     files: list[FileEntry] = []
     first_index = 0
     prompt_tokens = 0
+    content = ContentHasher()
     for part in plan.parts:
         src = staging.part_path(part.index)
         check_part(src, part, plan)
@@ -179,7 +189,9 @@ def _link_parts(staging: Staging, plan: RunPlan, dest: Path) -> tuple[list[FileE
             os.link(src, dst)
         except OSError:  # filesystems without hard links
             shutil.copy2(src, dst)
-        prompt_lengths, response_lengths = token_lengths(pq.read_table(dst, columns=list(TOKEN_COLUMNS)))
+        table = pq.read_table(dst, columns=list(COLUMNS))
+        content.update(table)
+        prompt_lengths, response_lengths = token_lengths(table)
         response_tokens = int(response_lengths.sum())
         prompt_tokens += int(prompt_lengths.sum())
         files.append(
@@ -193,7 +205,7 @@ def _link_parts(staging: Staging, plan: RunPlan, dest: Path) -> tuple[list[FileE
             )
         )
         first_index += part.num_samples
-    return files, prompt_tokens
+    return files, prompt_tokens, content.hexdigest()
 
 
 def _write_skipped(plan: RunPlan, dest: Path) -> FileEntry | None:

@@ -1,8 +1,9 @@
 """Reading a store: its catalogue of datasets, and random access to a dataset version's samples.
 
-Readers take no lock and never write: they only look at published versions (a directory
-`vN/` with a `manifest.json`), which are immutable, so any number of processes can read while a
-precompute job is writing new parts or publishing a new version.
+Readers take no lock and never write to a dataset: they only look at published versions (a
+directory `vN/` with a `manifest.json`), which are immutable, so any number of processes can read
+while a precompute job is writing new parts or publishing a new version. (A long-running reader,
+`lopd serve`, writes one file: its lease in `.readers/`, so that `lopd gc` keeps what it reads.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from lopd.errors import Corrupt, InvalidInput, NotFound
 from . import layout
 from .manifest import FileEntry, Manifest, read_manifest
 from .publish import published_versions, sha256_file
-from .schema import COLUMNS, SAMPLE_SCHEMA, TOKEN_COLUMNS, token_lengths
+from .schema import COLUMNS, META_SCORED_WITH, SAMPLE_SCHEMA, TOKEN_COLUMNS, token_lengths
 from .staging import list_staging_plans
 
 
@@ -29,7 +30,7 @@ class Store:
     """A store directory: a catalogue of datasets, each with immutable versions."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        self.root = layout.check_store_path(root)
         if not (self.root / layout.STORE_MARKER).is_file():
             raise NotFound(f"{self.root} is not a lightning-opd store (no {layout.STORE_MARKER})")
         marker = json.loads((self.root / layout.STORE_MARKER).read_text())
@@ -140,6 +141,22 @@ class Dataset:
     def shard_paths(self) -> list[Path]:
         """The shards, in dataset order (what DuckDB queries and readers open)."""
         return [layout.version_file(self.path, f.path) for f in self.manifest.files]
+
+    def scored_with(self) -> list[dict[str, object]]:
+        """Per shard, in order, the settings its part was scored with (`schema.META_SCORED_WITH`; {} if unrecorded).
+
+        Reads only the footers. Parts scored with other batch budgets (a resumed run) may differ within
+        float rounding; this says which.
+        """
+        out: list[dict[str, object]] = []
+        for path in self.shard_paths():
+            try:
+                meta = pq.read_schema(path).metadata or {}
+                raw = meta.get(META_SCORED_WITH)
+                out.append(json.loads(raw) if raw else {})
+            except (OSError, pa.ArrowException, ValueError) as e:
+                raise Corrupt(f"{path}: unreadable Parquet footer ({e})") from e
+        return out
 
     def verify(self) -> None:
         """Raise `Corrupt` naming the first file whose size or sha256 differs from the manifest."""

@@ -7,6 +7,7 @@ for humans; change both together and bump `FORMAT_VERSION` on any incompatible c
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,6 +65,11 @@ META_FORMAT = b"lopd.format_version"
 META_RUN_KEY = b"lopd.run_key"
 META_TEACHER = b"lopd.teacher_fingerprint"
 META_PART = b"lopd.part_index"
+# JSON of the settings a part was scored with that may change on resume without changing the run key
+# (batch budgets): parts scored with other budgets may differ within float rounding. Absent on imports.
+META_SCORED_WITH = b"lopd.scored_with"
+# The footer metadata above is what the content hash leaves out (see `ContentHasher`).
+FOOTER_KEYS = (META_FORMAT, META_RUN_KEY, META_TEACHER, META_PART, META_SCORED_WITH)
 
 
 def build_table(
@@ -125,3 +131,54 @@ def _list_array(rows: Sequence[Any], dtype: type) -> pa.ListArray:
         pa.array(offsets), pa.array(values, value_type), mask=pa.array(mask) if mask.any() else None
     )
     return arr.cast(_list_of(value_type))
+
+
+_CONTENT_TAG = b"lopd-content-v1\0"
+
+
+class ContentHasher:
+    """The content hash of a dataset: a function of its samples only, fed table by table in dataset order.
+
+    Each column of `SAMPLE_SCHEMA` is hashed as three streams: row validity (1 byte per row), row
+    lengths (int64; bytes for `sample_id`, values for the list columns) and the values (little-endian,
+    float32 bit-exact). Streams concatenate across tables, so the hash does not depend on how the
+    samples are split into parts or row groups, on the Parquet encoding, or on footer metadata
+    (`FOOTER_KEYS`: run key, teacher fingerprint, part index, scoring settings). Equal samples (every
+    value bit-equal, same order) give an equal hash, whichever run or import produced them.
+    """
+
+    def __init__(self) -> None:
+        self._streams = {c: (hashlib.sha256(), hashlib.sha256(), hashlib.sha256()) for c in COLUMNS}
+        self.rows = 0
+
+    def update(self, table: pa.Table) -> None:
+        """Add the rows of `table` (which holds the `COLUMNS`, in `SAMPLE_SCHEMA` types or castable to them)."""
+        for field in SAMPLE_SCHEMA:
+            arr = table.column(field.name).combine_chunks()
+            if pa.types.is_dictionary(arr.type):
+                arr = arr.dictionary_decode()
+            arr = arr.cast(field.type)
+            valid, lengths, values = self._streams[field.name]
+            valid.update(np.asarray(arr.is_valid(), dtype=np.uint8).tobytes())
+            if pa.types.is_string(field.type):
+                binary = arr.cast(pa.large_binary())
+                start = binary.offset
+                offsets = np.frombuffer(binary.buffers()[1], dtype="<i8")[start : start + len(binary) + 1]
+                lengths.update(np.diff(offsets).astype("<i8").tobytes())
+                data = binary.buffers()[2]
+                if data is not None and len(offsets):
+                    values.update(memoryview(data)[int(offsets[0]) : int(offsets[-1])])
+            else:
+                lengths.update(list_lengths(arr).astype("<i8").tobytes())
+                dtype = np.dtype(field.type.value_type.to_pandas_dtype()).newbyteorder("<")
+                values.update(np.ascontiguousarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=dtype).tobytes())
+        self.rows += table.num_rows
+
+    def hexdigest(self) -> str:
+        h = hashlib.sha256(_CONTENT_TAG)
+        h.update(f"{self.rows}\0".encode())
+        for name, streams in self._streams.items():
+            h.update(name.encode() + b"\0")
+            for stream in streams:
+                h.update(stream.digest())
+        return "sha256:" + h.hexdigest()

@@ -5,14 +5,23 @@ and of resumption: each is written atomically, so after a crash (even `kill -9` 
 either exists complete or not at all, and a re-run scores exactly the missing ones. Because the
 plan depends only on the inputs and settings (the run key), never on how many workers run or
 where a crash happened, every way of running the job produces the same parts.
+
+Every worker of a run holds a shared lock on the run's `.lock` file while it works (`Staging.hold`),
+so `lopd gc` can tell a run someone is writing from an abandoned one: the lock goes with the process,
+even after `kill -9`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,7 +33,15 @@ from lopd.errors import Conflict, Corrupt, InvalidInput
 from . import layout
 from .atomic import atomic_write, atomic_write_bytes, remove_stale_tmp
 from .manifest import Provenance
-from .schema import FORMAT_VERSION, META_FORMAT, META_PART, META_RUN_KEY, META_TEACHER, PARQUET_WRITE_OPTIONS
+from .schema import (
+    FORMAT_VERSION,
+    META_FORMAT,
+    META_PART,
+    META_RUN_KEY,
+    META_SCORED_WITH,
+    META_TEACHER,
+    PARQUET_WRITE_OPTIONS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +125,8 @@ def plan_parts(sample_ids: Sequence[str], samples_per_part: int) -> list[PartPla
 
 
 def ensure_store(store: Path) -> None:
-    """Create the store directory and its marker if needed (idempotent, safe under races)."""
+    """Create the store directory and its marker if needed (idempotent, safe under races); URLs are refused."""
+    layout.check_store_path(store)
     store.mkdir(parents=True, exist_ok=True)
     marker = store / layout.STORE_MARKER
     if not marker.exists():
@@ -127,10 +145,37 @@ class Staging:
     def part_path(self, index: int) -> Path:
         return self.dir / layout.part_name(index)
 
+    def hold(self) -> IO[str]:
+        """Create the run's directory and hold a shared lock on it until the returned file is closed.
+
+        Every worker holds one while it works, so `lopd gc` (which needs the lock exclusively) never
+        removes a run a live worker is writing. If gc moved the directory away while this waited, the
+        lock is taken again on a fresh directory.
+        """
+        ensure_store(self.store)
+        for _ in range(100):
+            make_dirs(self.dir)
+            path = self.dir / layout.LOCK
+            try:
+                f = open(path, "a+")
+            except FileNotFoundError:  # removed between mkdir and open
+                continue
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+            try:
+                here = os.stat(path)
+                mine = os.fstat(f.fileno())
+                same = (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                return f
+            f.close()
+        raise Conflict(f"could not hold staging directory {self.dir}: it keeps being removed (by `lopd gc`?)")
+
     def open(self, plan: RunPlan) -> RunPlan:
         """Create the staging area with `plan`, or check that the one already there is the same plan."""
         ensure_store(self.store)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
         remove_stale_tmp(self.dir)
         plan_path = self.dir / layout.PLAN
         if plan_path.exists():
@@ -163,13 +208,18 @@ class Staging:
             done.add(part.index)
         return done
 
-    def write_part(self, index: int, table: pa.Table, teacher_fingerprint: str) -> Path:
+    def write_part(
+        self, index: int, table: pa.Table, teacher_fingerprint: str, scored_with: Mapping[str, object] | None = None
+    ) -> Path:
+        """Write part `index` atomically; `scored_with` (batch budgets, ...) goes into its footer when given."""
         meta = {
             META_FORMAT: str(FORMAT_VERSION).encode(),
             META_RUN_KEY: self.run_key.encode(),
             META_TEACHER: teacher_fingerprint.encode(),
             META_PART: str(index).encode(),
         }
+        if scored_with:
+            meta[META_SCORED_WITH] = json.dumps(dict(scored_with), sort_keys=True).encode()
         table = table.replace_schema_metadata(meta)
         path = self.part_path(index)
 
@@ -214,13 +264,15 @@ def read_plan(path: Path) -> RunPlan:
 def list_staging_plans(store: Path, dataset: str) -> list[tuple[Path, RunPlan]]:
     """Unfinished runs of a dataset: each staging directory and its plan.
 
-    Damaged plans, and plans that do not belong to the directory they are in (so that `Staging` for
-    their run key would look elsewhere), are skipped.
+    Damaged plans, plans that do not belong to the directory they are in (so that `Staging` for
+    their run key would look elsewhere) and directories gc is removing are skipped.
     """
     root = layout.staging_root(store, dataset)
     out: list[tuple[Path, RunPlan]] = []
     if root.is_dir():
         for d in sorted(root.iterdir()):
+            if d.name.startswith("."):  # tombstones and temporaries
+                continue
             plan_path = d / layout.PLAN
             if plan_path.is_file():
                 try:
@@ -237,3 +289,112 @@ def _belongs(store: Path, dataset: str, plan: RunPlan, directory: Path) -> bool:
         return layout.staging_dir(store, dataset, plan.run_key) == directory
     except InvalidInput:
         return False
+
+
+def make_dirs(path: Path) -> None:
+    """`mkdir -p path`, retried when an empty parent (`.staging/`) is removed under it by a publisher or gc."""
+    for _ in range(100):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            continue
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def remove_if_empty(directory: Path) -> bool:
+    """Remove `directory` if it is empty (`.staging/` after the last run left); True if it was removed.
+
+    Safe with concurrent workers: `rmdir` refuses a directory that has gained an entry, and workers
+    creating a run directory retry when its parent vanishes (`make_dirs`).
+    """
+    try:
+        directory.rmdir()
+    except OSError:  # not empty, already gone, or not ours to remove
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class StagedRun:
+    """A directory under `.staging/` as gc and `lopd ls` see it."""
+
+    path: Path
+    plan: RunPlan | None  # None: no readable plan (a run that crashed before writing it)
+    parts_done: list[int]
+    last_activity: float  # newest mtime of the directory and its entries (seconds since the epoch)
+    locked: bool  # a live worker holds the run's lock
+
+    @property
+    def complete(self) -> bool:
+        """Every planned part exists: publishing (or `lopd finalize`) would make it a version."""
+        return self.plan is not None and len(self.parts_done) == len(self.plan.parts)
+
+
+def staged_runs(store: Path, dataset: str) -> list[StagedRun]:
+    """Every run directory under the dataset's `.staging/` (tombstones and temporaries excepted), in name order."""
+    root = layout.staging_root(store, dataset)
+    out: list[StagedRun] = []
+    if not root.is_dir():
+        return out
+    for d in sorted(root.iterdir()):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        try:
+            plan = read_plan(d / layout.PLAN) if (d / layout.PLAN).is_file() else None
+        except Corrupt:
+            plan = None
+        if plan is not None and not _belongs(store, dataset, plan, d):
+            plan = None
+        done = [p.index for p in plan.parts if (d / layout.part_name(p.index)).exists()] if plan is not None else []
+        out.append(StagedRun(d, plan, done, last_activity(d), is_locked(d)))
+    return out
+
+
+def last_activity(directory: Path) -> float:
+    """When anything in `directory` last changed: the newest mtime of it and its entries (a part being written too)."""
+    newest = 0.0
+    try:
+        newest = directory.stat().st_mtime
+        for p in directory.iterdir():
+            try:
+                newest = max(newest, p.stat().st_mtime)
+            except FileNotFoundError:
+                continue
+    except FileNotFoundError:
+        pass
+    return newest
+
+
+def is_locked(directory: Path) -> bool:
+    """True while a worker holds the run's lock (`Staging.hold`); creates nothing.
+
+    A run without a lock file is not locked (its workers, if any, predate run locks: only its age protects it).
+    """
+    try:
+        f = open(directory / layout.LOCK)
+    except FileNotFoundError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+def lock_exclusive(directory: Path) -> IO[str] | None:
+    """The run's lock, taken exclusively without waiting; None while a worker holds it.
+
+    Held while gc moves the directory away, so no worker can start on it meanwhile (`Staging.hold`
+    then finds the directory gone and starts on a fresh one). Raises `FileNotFoundError` when the
+    directory is gone.
+    """
+    f = open(directory / layout.LOCK, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f

@@ -18,9 +18,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from . import layout
+from .manifest import verdict_explanation
 from .publish import published_versions
 from .reader import Store
 from .schema import TOKEN_COLUMNS
@@ -50,6 +51,13 @@ class RunProgress(BaseModel):
     samples_total: int
 
 
+class ScoringSettings(BaseModel):
+    settings: dict[str, int | float | str | bool | None] = Field(
+        description="What the parts were scored with (batch budgets); empty when not recorded (an import)."
+    )
+    parts: list[int] = Field(description="Indices of the parts (shards, in order) scored with these settings.")
+
+
 class CoverageStats(BaseModel):
     dataset: str
     version: int | None
@@ -65,6 +73,11 @@ class CoverageStats(BaseModel):
     bytes: int
     bytes_per_response_token: float | None
     in_progress: list[RunProgress]
+    scored_with: list[ScoringSettings] = Field(
+        default_factory=list,
+        description="Scoring settings and the parts scored with each; several entries when a run was resumed "
+        "with other batch budgets (those parts may differ within float rounding).",
+    )
 
 
 class HistogramBin(BaseModel):
@@ -84,6 +97,8 @@ class ConsistencyStats(BaseModel):
     dataset: str
     version: int
     verdict: Literal["consistent", "inconsistent"]
+    explanation: str = Field(description="Why the verdict, and for an inconsistent version what would fix it.")
+    provenance_known: bool = Field(description="False when the scoring or SFT-data teacher is unknown (an import).")
     teacher_consistent: bool
     mismatch_allowed: bool
     teacher_fingerprint: str
@@ -175,7 +190,18 @@ def coverage(store_root: str | Path, name: str, version: int | None = None) -> C
         bytes=total_bytes,
         bytes_per_response_token=(total_bytes / m.num_response_tokens) if m.num_response_tokens else None,
         in_progress=running,
+        scored_with=_scored_with(ds.scored_with()),
     )
+
+
+def _scored_with(per_part: list[dict[str, object]]) -> list[ScoringSettings]:
+    groups: dict[str, ScoringSettings] = {}
+    for index, settings in enumerate(per_part):
+        key = repr(sorted(settings.items()))
+        if key not in groups:
+            groups[key] = ScoringSettings.model_validate({"settings": settings, "parts": []})
+        groups[key].parts.append(index)
+    return list(groups.values())
 
 
 def consistency(store_root: str | Path, name: str, version: int | None = None) -> ConsistencyStats:
@@ -211,6 +237,8 @@ def consistency(store_root: str | Path, name: str, version: int | None = None) -
         dataset=name,
         version=m.version,
         verdict=c.verdict,
+        explanation=verdict_explanation(prov),
+        provenance_known=prov.provenance_known,
         teacher_consistent=c.teacher_consistent,
         mismatch_allowed=c.mismatch_allowed,
         teacher_fingerprint=prov.teacher.fingerprint,

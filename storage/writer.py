@@ -7,8 +7,9 @@ and writing) and the importer of other layouts (which has every sample at hand, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 
 import pyarrow as pa
 
@@ -20,15 +21,39 @@ from .staging import PartPlan, RunPlan, Staging, missing_parts
 class RunWriter:
     """One writer of one run: the staged plan, the parts already written, and publishing.
 
-    Opening stages `plan` (or checks it against the plan another worker already staged, raising
-    `Conflict` when they differ) and finds the parts already written and intact; a damaged part is
-    deleted so that it is written again. `plan` is the staged plan from then on.
+    Opening takes the run's worker lock (held until `close`, or until the writer is garbage-collected
+    or its process ends: `lopd gc` never removes a run while it is held), stages `plan` (or checks it
+    against the plan another worker already staged, raising `Conflict` when they differ) and finds
+    the parts already written and intact; a damaged part is deleted so that it is written again.
+    `plan` is the staged plan from then on.
+
+    `scored_with` is written into every part's footer (`schema.META_SCORED_WITH`): the settings that
+    may differ between workers or after a resume without changing the run key (batch budgets), so
+    that parts whose numbers differ within float rounding say why.
     """
 
-    def __init__(self, store: Path, plan: RunPlan) -> None:
+    def __init__(self, store: Path, plan: RunPlan, *, scored_with: Mapping[str, object] | None = None) -> None:
         self.staging = Staging(store, plan.dataset, plan.run_key)
-        self.plan = self.staging.open(plan)
-        self.done = frozenset(self.staging.completed_parts(self.plan))
+        self._lock = self.staging.hold()
+        try:
+            self.plan = self.staging.open(plan)
+            self.done = frozenset(self.staging.completed_parts(self.plan))
+        except BaseException:
+            self.close()
+            raise
+        self.scored_with = dict(scored_with) if scored_with else None
+
+    def close(self) -> None:
+        """Release the run's worker lock (idempotent)."""
+        self._lock.close()
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
     def todo(self, parts: Sequence[PartPlan] | None = None) -> list[PartPlan]:
         """Of `parts` (default: every part of the plan), those not written when the run was opened."""
@@ -36,7 +61,7 @@ class RunWriter:
 
     def write_part(self, index: int, table: pa.Table) -> Path:
         """Write part `index` atomically (a table of `SAMPLE_SCHEMA` holding that part's samples)."""
-        return self.staging.write_part(index, table, self.plan.provenance.teacher.fingerprint)
+        return self.staging.write_part(index, table, self.plan.provenance.teacher.fingerprint, self.scored_with)
 
     def missing_parts(self) -> list[int]:
         """Parts of any worker that do not exist yet; publish when there are none."""
@@ -57,7 +82,7 @@ def write_run(store: Path, plan: RunPlan, part_table: Callable[[PartPlan], pa.Ta
     published = find_published_run(store, plan.dataset, plan.run_key)
     if published is not None:
         return published
-    run = RunWriter(store, plan)
-    for part in run.todo():
-        run.write_part(part.index, part_table(part))
-    return run.publish()
+    with RunWriter(store, plan) as run:
+        for part in run.todo():
+            run.write_part(part.index, part_table(part))
+        return run.publish()

@@ -19,7 +19,7 @@ from .demo import demo_command, tiny_model_command
 from .pipeline import app as pipeline_app
 from .scoring import finalize_command, fingerprint_command, precompute_command, verify_command
 from .serve import serve_command
-from .store import export_command, import_command, stats_command
+from .store import export_command, gc_command, import_command, ls_command, stats_command
 from .train import train_command
 
 app = typer.Typer(
@@ -41,6 +41,8 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log deb
 app.command("precompute")(precompute_command)
 app.command("finalize")(finalize_command)
 app.command("stats")(stats_command)
+app.command("ls")(ls_command)
+app.command("gc")(gc_command)
 app.command("verify")(verify_command)
 app.command("fingerprint")(fingerprint_command)
 app.command("serve")(serve_command())

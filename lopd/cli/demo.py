@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated
 
@@ -28,18 +29,22 @@ def demo_command(
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (overrides the preset's).")] = None,
 ) -> None:
     """The paper's pipeline on CPU: teachers, SFT, rollouts, precompute, serve, Lightning vs online OPD, results."""
-    from lopd.pipeline.config import PipelineConfig
-    from lopd.pipeline.run import run_pipeline
-
-    quiet_transformers()
     seed_list = None
     if seeds is not None:
         try:
             seed_list = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError:
             raise typer.BadParameter(f"--seeds must be comma-separated integers, got {seeds!r}") from None
-    cfg = PipelineConfig.preset_config(preset.value, seed_list)
-    with cli_errors():
+    # The plot comes last: a missing matplotlib must not cost the whole run.
+    missing = [m for m in ("torch", "transformers", "fastapi", "uvicorn", "matplotlib") if find_spec(m) is None]
+    if missing:
+        fail(f"`lopd demo` needs {', '.join(missing)} (not installed): pip install 'lightning-opd[demo]'")
+    with cli_errors(extra="demo"):
+        from lopd.pipeline.config import PipelineConfig
+        from lopd.pipeline.run import run_pipeline
+
+        quiet_transformers()
+        cfg = PipelineConfig.preset_config(preset.value, seed_list)
         run_pipeline(cfg, run_dir, echo=typer.echo)
 
 
@@ -53,9 +58,11 @@ def tiny_model_command(
     """Build a tiny random causal LM with a char-level tokenizer (for trying things out offline)."""
     from lopd.testing.tiny_models import build_tiny_model
 
-    quiet_transformers()
-    try:
-        path = build_tiny_model(out_dir, arch, seed=seed, hidden=hidden, layers=layers)
-    except ValueError as e:
-        fail(e)
+    with cli_errors(extra="teacher"):
+        quiet_transformers()
+        try:
+            # Vocabulary = tokenizer (no padding rows): whatever samples from it produces ids precompute accepts.
+            path = build_tiny_model(out_dir, arch, seed=seed, hidden=hidden, layers=layers, pad_vocab=False)
+        except ValueError as e:
+            fail(e)
     typer.echo(str(path))

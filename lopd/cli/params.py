@@ -9,6 +9,7 @@ plus every registered backend's options (`lopd.server.teachers.BACKENDS`).
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import types
@@ -36,13 +37,60 @@ def fail(err: Exception | str, code: int = 2) -> NoReturn:
     raise typer.Exit(code=code)
 
 
+# The extra (pyproject.toml's optional-dependencies) that installs each optional module a command may import.
+EXTRA_OF_MODULE = {
+    "duckdb": "store",
+    "fastapi": "server",
+    "starlette": "server",
+    "uvicorn": "server",
+    "prometheus_client": "server",
+    "torch": "teacher",
+    "transformers": "teacher",
+    "tokenizers": "teacher",
+    "safetensors": "teacher",
+    "vllm": "vllm",
+    "peft": "train",
+    "matplotlib": "demo",
+}
+
+
+def missing_module(err: BaseException) -> str | None:
+    """The optional module (a key of `EXTRA_OF_MODULE`) whose absence raised `err` or its causes, if any.
+
+    Only a module that is really not installed counts: an installed one that fails to import is a bug
+    and keeps its traceback.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ImportError) and e.name:
+            top = e.name.partition(".")[0]
+            if top in EXTRA_OF_MODULE and importlib.util.find_spec(top) is None:
+                return top
+        e = e.__cause__ or e.__context__
+    return None
+
+
 @contextmanager
-def cli_errors() -> Iterator[None]:
-    """Every command's one error path: an expected `LopdError` becomes a message and exit 2, never a traceback."""
+def cli_errors(extra: str | None = None) -> Iterator[None]:
+    """Every command's one error path: an expected `LopdError` becomes a message and exit 2, never a traceback.
+
+    So does a missing optional module: the message names the extra to install (`extra`, the command's
+    own, or the one `EXTRA_OF_MODULE` gives for that module).
+    """
     try:
         yield
     except LopdError as e:
         fail(e)
+    except ImportError as e:
+        module = missing_module(e)
+        if module is None:
+            raise
+        fail(
+            f"this command needs {module}, which is not installed: "
+            f"pip install 'lightning-opd[{extra or EXTRA_OF_MODULE[module]}]'"
+        )
 
 
 def _strip_optional(annotation: Any) -> Any:
@@ -131,10 +179,12 @@ def settings_command(
     exclude: tuple[str, ...] = (),
     doc: str | None = None,
     json_flag: bool = False,
+    extra: str | None = None,
 ) -> Callable[..., None]:
     """A typer command whose flags are `model`'s fields, that builds the model and calls `run` with it.
 
     `json_flag` adds `--json` (an output format, not a setting): `run` is then called as `run(cfg, as_json=...)`.
+    `extra`: the pyproject extra the command needs, named when one of its modules is missing (`cli_errors`).
     """
     params: list[inspect.Parameter] = [
         inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
@@ -164,7 +214,7 @@ def settings_command(
     def command(ctx: typer.Context, **values: Any) -> None:
         output = {"as_json": values.pop("as_json")} if json_flag else {}
         given = {k: v for k, v in values.items() if _typed(ctx, k)}
-        with cli_errors():
+        with cli_errors(extra):
             if backend_field is not None:
                 options = {k: given.pop(k) for k in list(given) if k in backend_keys}
                 name = given.pop(backend_field, None)

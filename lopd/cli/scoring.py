@@ -61,12 +61,7 @@ def _verify(cfg: VerifyConfig, *, as_json: bool = False) -> None:
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
-        verdict = "PASSED" if report.passed else "FAILED"
-        typer.echo(
-            f"{verdict}: {report.dataset} v{report.version}, {report.samples} samples, {report.tokens} tokens: "
-            f"max |diff| {report.max_abs_diff:.3g}, mean {report.mean_abs_diff:.3g} (tolerance {report.tolerance:g}; "
-            f"worst sample {report.worst_sample_id})"
-        )
+        typer.echo(report.summary())
         if not report.fingerprint_matches:
             typer.echo(
                 f"note: this teacher's fingerprint {report.teacher_fingerprint} is not the manifest's "
@@ -85,10 +80,11 @@ def finalize_command(
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
 ) -> None:
     """Publish finished runs of a dataset whose workers did not publish (e.g. --no-publish)."""
+    from lopd.storage.layout import check_store_path
     from lopd.storage.publish import finalize
 
     with cli_errors():
-        outcomes = finalize(store, dataset)
+        outcomes = finalize(check_store_path(store), dataset)
     for line in outcomes:
         typer.echo(line)
 

@@ -1,12 +1,16 @@
-"""`lopd train`: the reference trainer; its flags are `TrainConfig`'s fields (torch loads when it runs)."""
+"""`lopd train`: the reference trainer; its flags are `TrainConfig`'s fields (torch loads when it runs).
+`lopd plot`: a run's metrics as a PNG (matplotlib loads when it runs)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from lopd.client.config import TrainConfig
 
-from .params import settings_command
+from .params import cli_errors, settings_command
 
 
 def _train(cfg: TrainConfig) -> None:
@@ -20,3 +24,16 @@ def _train(cfg: TrainConfig) -> None:
 
 
 train_command = settings_command(TrainConfig, _train)
+
+
+def plot_command(
+    run_dir: Annotated[Path, typer.Argument(help="A `lopd train` run directory (its --out).")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: RUN_DIR/metrics.png).")] = None,
+) -> None:
+    """Plot a training run: loss, mean advantage, reverse KL, clip fraction, data wait, held-out evaluation."""
+    from lopd.client.plot import plot_run
+
+    with cli_errors():
+        plot = plot_run(run_dir, out)
+    skipped = f" (not recorded: {', '.join(plot.missing)})" if plot.missing else ""
+    typer.echo(f"wrote {plot.path}: {', '.join(plot.panels)}{skipped}")

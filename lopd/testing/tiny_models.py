@@ -99,9 +99,12 @@ def build_tiny_model(
     """Build a randomly initialised causal LM with the tiny tokenizer and save both to `out_dir`.
 
     `vocab_size` defaults to the tokenizer's size rounded up to a multiple of 64, as real models pad
-    their embedding (`pad_vocab=False`: exactly the tokenizer's size, so sampling can only produce
-    real tokens). `init_std` is larger than the usual 0.02 so that the random model has peaked,
-    varied next-token distributions (log-probs far from uniform) that make exactness tests bite.
+    their embedding (`pad_vocab=False`: exactly the tokenizer's size). A trained model never samples
+    its padding rows; a random one would, and precompute refuses ids the tokenizer does not have,
+    so a padded model's generation config suppresses them: `generate` samples only real tokens
+    (other samplers, such as vLLM, do not read that setting: sample from `pad_vocab=False` models).
+    `init_std` is larger than the usual 0.02 so that the random model has peaked, varied
+    next-token distributions (log-probs far from uniform) that make exactness tests bite.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -113,5 +116,7 @@ def build_tiny_model(
     config = _config(arch, vocab, hidden, layers, max_positions, initializer_range=init_std, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if vocab > len(tok):
+        model.generation_config.suppress_tokens = list(range(len(tok), vocab))
     model.save_pretrained(str(out))
     return out

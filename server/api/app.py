@@ -85,6 +85,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    if settings.exposed and tokens is None:
-        log.warning("serving on %s without a tokens file: every dataset is readable by anyone", settings.host)
+    if settings.exposed and tokens is None:  # the one place this is said (`lopd serve` adds nothing)
+        log.warning(
+            "serving on %s without a tokens file (--tokens-file, LOPD_TOKENS_FILE): anyone who can reach it can "
+            "read every dataset",
+            settings.host,
+        )
     return app

@@ -9,7 +9,11 @@ Routes never touch the filesystem themselves; they ask the catalogue. It
   ahead of time in a background thread), and remembers a version that fails as a problem that
   is never served (`Corrupt` -> 503) and is listed by /readyz;
 - caches what is immutable per version: opened `Dataset`s, per-sample token counts (for the
-  batch token limit) and the DuckDB statistics.
+  batch token limit) and the DuckDB statistics;
+- registers the server as a reader of the versions it serves (`storage.readers.ReaderLease`, from
+  `start` to `close`), so `lopd gc` never removes a version under a client: before the first
+  request for a version (or the first after a long idle spell) the lease is written, then the
+  store is scanned again, and only a version still there is served.
 
 Every rule about the store (what a dataset is, which versions exist, how a version is read,
 verified and its tokens counted) is asked of `lopd.storage`; this module only decides what to
@@ -34,6 +38,7 @@ from lopd.errors import Corrupt, LopdError, NotFound
 from lopd.storage import layout, stats
 from lopd.storage.manifest import Manifest
 from lopd.storage.reader import Dataset, Store, open_version, read_version_manifest
+from lopd.storage.readers import LEASE_TTL_S, READ_IDLE_S, ReaderLease
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,10 @@ class Catalog:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._reads: dict[Key, float] = {}  # wall-clock time of the latest request served from each version
+        self._registered: dict[Key, float] = {}  # when a lease listing the version was written before a read
+        self._register_lock = threading.Lock()  # one lease write + rescan at a time
+        self._lease = ReaderLease(self.root, self._read_times)
 
     # -- scanning ---------------------------------------------------------------------------
 
@@ -112,9 +121,11 @@ class Catalog:
         def gone(key: Key) -> bool:
             return key[1] not in versions.get(key[0], ())
 
-        for cache in (self._served, self._problems, self._manifests):
+        for cache in (self._served, self._problems, self._manifests, self._registered):
             for key in [k for k in cache if gone(k)]:
                 del cache[key]
+        # `_reads` stays: gc may have moved a version aside for a moment and will put it back only if
+        # this server's lease still lists it (leases drop versions not read for READ_IDLE_S anyway).
         for stat_key in [k for k in self._stats if gone(k[1])]:
             del self._stats[stat_key]
 
@@ -155,14 +166,47 @@ class Catalog:
         return (name, version) if version in versions else None
 
     def open(self, name: str, version: int | None = None) -> ServedVersion:
-        """A verified version; raises `Corrupt` for one that failed verification."""
+        """A verified version, registered as read; raises `Corrupt` for one that failed verification."""
         key = self.resolve(name, version)
+        self._register_read(key)
         self._verify(key)
         with self._lock:
             served, problem = self._served.get(key), self._problems.get(key)
+        if served is None and problem is None:  # removed while it was being opened
+            raise NotFound(f"dataset {key[0]!r} v{key[1]} is no longer published")
         if served is None:
             raise Corrupt(f"dataset {key[0]!r} v{key[1]} failed verification and is not served: {problem}")
         return served
+
+    def _read_times(self) -> dict[Key, float]:
+        with self._lock:
+            return dict(self._reads)
+
+    def _register_read(self, key: Key) -> None:
+        """Note a read of `key`; before its first (or first in a long while), write the lease and look again.
+
+        Order matters: gc re-reads the leases after it moves a version aside (and puts it back when a
+        reader registered meanwhile), so a version found on disk after the lease was written stays.
+        """
+        now = time.time()
+        with self._lock:
+            self._reads[key] = now
+            registered = self._registered.get(key)
+        if not self._lease.active or (registered is not None and now - registered < READ_IDLE_S - LEASE_TTL_S):
+            return
+        with self._register_lock:  # a concurrent first request waits here until the lease lists the version
+            with self._lock:
+                registered = self._registered.get(key)
+            if registered is not None and now - registered < READ_IDLE_S - LEASE_TTL_S:
+                return
+            self._lease.renew()
+            self.refresh(force=True)
+            if self._find(*key) is None:
+                with self._lock:
+                    self._reads.pop(key, None)
+                raise NotFound(f"dataset {key[0]!r} v{key[1]} is no longer published")
+            with self._lock:
+                self._registered[key] = now
 
     def listing(self) -> list[tuple[Manifest, list[int]]]:
         """Per dataset: the latest version's manifest and the versions not known to be damaged.
@@ -221,12 +265,20 @@ class Catalog:
                 dataset = open_version(self.root, *key, verify=True)
                 counts = dataset.token_counts()
             except (LopdError, OSError, ValueError) as e:
-                self._record_problem(key, e)
+                if self._still_published(key):
+                    self._record_problem(key, e)
                 return
             with self._lock:
                 self._served[key] = ServedVersion(dataset, counts)
                 self._manifests[key] = dataset.manifest
             log.info("verified %s v%d (%d samples)", key[0], key[1], len(dataset))
+
+    def _still_published(self, key: Key) -> bool:
+        """False when `key` vanished (removed by `lopd gc` or an operator): that is no damage to report."""
+        try:
+            return key[1] in Store(self.root).versions(key[0])
+        except (LopdError, OSError):
+            return False
 
     def _record_problem(self, key: Key, err: Exception) -> None:
         message = str(err).replace(str(self.root.resolve()), "<store>").replace(str(self.root), "<store>")
@@ -252,18 +304,21 @@ class Catalog:
         return Readiness(ready=not problems, datasets=datasets, problems=problems)
 
     def start(self) -> None:
-        """Verify every version in a background thread, so the first requests do not wait for it."""
+        """Register as a reader and verify every version in a background thread, so the first requests do not wait."""
         if self._thread is None:
             self._stop.clear()
+            self._lease.start()
             self._thread = threading.Thread(target=self._verify_loop, name="lopd-catalog", daemon=True)
             self._thread.start()
 
     def close(self) -> None:
+        """Stop verifying and remove this server's reader lease."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        self._lease.close()
 
     def _verify_loop(self) -> None:
         while not self._stop.is_set():

@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lopd.config import ARGUMENT
 from lopd.http_contract import MAX_BATCH_INDICES, MAX_BODY_BYTES, MAX_RESPONSE_TOKENS
+from lopd.storage.layout import check_store_path
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -43,6 +44,11 @@ class ServerSettings(BaseSettings):
         default=2.0, ge=0.0, description="Longest time a newly published version can stay unseen."
     )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store(cls, value: object) -> object:
+        return check_store_path(value) if isinstance(value, (str, Path)) else value
 
     @property
     def exposed(self) -> bool:

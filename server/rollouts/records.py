@@ -98,7 +98,11 @@ def _loads(line: bytes, exact: bool) -> Any:
 def _decode_line(line: bytes, exact: bool) -> dict[str, Any]:
     try:
         obj = _loads(line, exact)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+    except json.JSONDecodeError as e:
+        raise BadRecord(_json_error(e)) from None
+    except UnicodeDecodeError as e:
+        raise BadRecord(f"byte {e.start + 1}: invalid JSON: not {e.encoding} text ({e.reason})") from None
+    except ValueError as e:
         raise BadRecord(f"invalid JSON: {e}") from None
     except RecursionError:
         raise BadRecord("invalid JSON: nested too deeply") from None
@@ -106,6 +110,22 @@ def _decode_line(line: bytes, exact: bool) -> dict[str, Any]:
         kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
         raise BadRecord(f"the record is {kind.get(type(obj), 'null')}, not a JSON object")
     return obj
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    """The decoder's complaint placed on the record's own line: `column C: invalid JSON: what`.
+
+    The locator before it gives the file's line number. The decoder numbers lines and columns within
+    the text it was given, this one line, so a line that ends before its JSON does came out as
+    "line 2 column 1" of a one-line record; that is the end of the line, and said so.
+    """
+    text = e.doc.rstrip("\r\n")
+    if e.pos < len(text):
+        return f"column {e.pos + 1}: invalid JSON: {e.msg}"
+    return (
+        f"column {len(text) + 1} (the end of the line): invalid JSON: {e.msg}; a JSONL record is one JSON object on "
+        "one line (is this one cut short, or spread over several lines?)"
+    )
 
 
 def _flat_entry(obj: dict[str, Any], tokenizer: Any, vocab_size: int | None, max_context: int | None) -> RecordEntry:

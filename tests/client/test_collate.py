@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lopd.client.collate import collate_batch, token_logprobs
+from lopd.client.collate import collate_arrays, collate_batch
 from lopd.client.loader import OPDLoader
+from lopd.client.logprobs import token_logprobs
 from lopd.storage.schema import build_table
 
 
@@ -41,6 +42,21 @@ def test_collate_layout_by_hand():
         collate_batch(table.slice(0, 0))
     # A sliced table (non-zero Arrow offsets) collates the rows it shows.
     assert collate_batch(table.slice(1, 1))["input_ids"].tolist() == [[4, 7, 8, 9]]
+
+    # The numpy batch (no torch needed) holds the same values in the same dtypes.
+    arrays = collate_arrays(table, pad_id=99, pad_to_multiple_of=8, indices=[10, 3])
+    assert arrays.keys() == b.keys()
+    for key, value in b.items():
+        if isinstance(value, torch.Tensor):
+            assert isinstance(arrays[key], np.ndarray) and arrays[key].dtype == value.numpy().dtype, key
+            np.testing.assert_array_equal(arrays[key], value.numpy())
+    assert arrays["input_ids"].dtype == np.int64 and arrays["response_mask"].dtype == np.bool_
+
+
+def test_token_logprobs_is_still_importable_from_collate():
+    from lopd.client import collate
+
+    assert collate.token_logprobs is token_logprobs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -14,9 +14,11 @@ CLIENT_MODULES = (
     "lopd.client.http",
     "lopd.client.sampler",
     "lopd.client.collate",
+    "lopd.client.logprobs",
     "lopd.client.loss",
     "lopd.client.consistency",
     "lopd.client.loader",
+    "lopd.client.torch_dataset",
     "lopd.client.trainer",
     "lopd.client.config",
 )
@@ -35,7 +37,10 @@ def test_client_never_imports_server_or_storage():
     assert _loaded_after(imports, ("lopd.server", "lopd.storage")) == []
 
 
-@pytest.mark.parametrize("module", ["lopd.client", "lopd.client.http", "lopd.client.config", "lopd.cli"])
+@pytest.mark.parametrize(
+    "module", ["lopd.client", "lopd.client.http", "lopd.client.loader", "lopd.client.config", "lopd.cli"]
+)
 def test_light_modules_do_not_import_torch(module):
-    # The HTTP client and the command's registration must work (and start fast) without torch.
+    # The HTTP client, the loader (numpy batches) and the command's registration must work (and start
+    # fast) without torch; tests/test_install_paths.py runs them where torch cannot be imported at all.
     assert _loaded_after(f"import {module}", ("torch", "transformers", "fastapi", "duckdb")) == []

@@ -6,14 +6,16 @@ import itertools
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from lopd.client.errors import ResumeMismatch
 from lopd.client.http import StoreClient
-from lopd.client.loader import OPDIterableDataset, OPDLoader
+from lopd.client.loader import OPDLoader
 from lopd.client.sampler import EpochSampler
+from lopd.client.torch_dataset import OPDIterableDataset
 from lopd.storage.reader import Store
 
 N_BETA = 37
@@ -132,3 +134,27 @@ def test_batches_are_collated_tensors(served):
     assert b["input_ids"].dtype == torch.int64 and b["teacher_logprobs"].dtype == torch.float32
     assert b["response_mask"].sum() == b["response_lengths"].sum()
     assert (b["epoch"], b["batch_index"]) == (0, 0)
+
+
+def test_numpy_batches_equal_the_torch_batches(served):
+    """`arrays="numpy"` (what a base install without torch gets) holds what the tensors hold, same dtypes."""
+    with served.client() as client:
+        tensors = list(OPDLoader(client, "beta", 5, seed=3, prefetch=2))
+        arrays = list(OPDLoader(client, "beta", 5, seed=3, prefetch=2, arrays="numpy"))
+    assert len(arrays) == len(tensors) == 8
+    for a, t in zip(arrays, tensors):
+        assert a.keys() == t.keys()
+        for key, value in t.items():
+            if isinstance(value, torch.Tensor):
+                assert isinstance(a[key], np.ndarray) and a[key].dtype == value.numpy().dtype, key
+                np.testing.assert_array_equal(a[key], value.numpy())
+            else:
+                assert a[key] == value, key
+
+
+def test_arrays_and_pin_memory_are_checked(served):
+    with served.client() as client:
+        with pytest.raises(ValueError, match="arrays is 'jax'"):
+            OPDLoader(client, "beta", 5, arrays="jax")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="pin_memory pins torch tensors"):
+            OPDLoader(client, "beta", 5, arrays="numpy", pin_memory=True)

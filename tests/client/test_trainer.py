@@ -12,7 +12,7 @@ from lopd.client.trainer import CHECKPOINT, METRIC_COLUMNS, METRICS, MODEL_DIR, 
 from lopd.errors import Conflict, NotFound, TokenizerMismatch
 
 
-def _cfg(served, student: Path, out: Path, **kw) -> TrainConfig:
+def train_config(served, student: Path, out: Path, **kw) -> TrainConfig:
     base = dict(
         url=served.url,
         dataset="scored",
@@ -32,12 +32,12 @@ def _cfg(served, student: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _run(served, cfg: TrainConfig, lines: list[str] | None = None):
+def run_training(served, cfg: TrainConfig, lines: list[str] | None = None, **kw):
     echo = lines.append if lines is not None else lambda s: None
-    return train_student(cfg, echo=echo, client=served.client(retries=2, backoff_s=0.01))
+    return train_student(cfg, echo=echo, client=served.client(retries=2, backoff_s=0.01), **kw)
 
 
-def _metrics(out: Path) -> list[dict[str, str]]:
+def read_metrics(out: Path) -> list[dict[str, str]]:
     with open(out / METRICS, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -45,12 +45,12 @@ def _metrics(out: Path) -> list[dict[str, str]]:
 @pytest.mark.slow
 def test_train_checkpoint_resume_continues_exactly(served, tiny_qwen2_dir, tmp_path):
     # Reference: five uninterrupted steps.
-    straight = _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "straight", steps=5))
+    straight = run_training(served, train_config(served, tiny_qwen2_dir, tmp_path / "straight", steps=5))
     assert straight.step == 5
 
     # Three steps, stop; resume with --steps 5.
     lines: list[str] = []
-    first = _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "split"), lines)
+    first = run_training(served, train_config(served, tiny_qwen2_dir, tmp_path / "split"), lines)
     assert first.step == 3
     ckpt = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)
     assert ckpt["step"] == 3
@@ -60,12 +60,14 @@ def test_train_checkpoint_resume_continues_exactly(served, tiny_qwen2_dir, tmp_p
     assert "token" not in ckpt["config"]
     assert (tmp_path / "split" / MODEL_DIR / "config.json").is_file()
 
-    resumed = _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "split", steps=5, resume=True), lines)
+    resumed = run_training(
+        served, train_config(served, tiny_qwen2_dir, tmp_path / "split", steps=5, resume=True), lines
+    )
     assert resumed.step == 5
     assert any("resumed from" in line and "at step 3" in line for line in lines)
     assert any(line.startswith("step 4/5") for line in lines)
 
-    rows_straight, rows_split = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
+    rows_straight, rows_split = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
     assert [r["step"] for r in rows_split] == ["1", "2", "3", "4", "5"]
     assert list(rows_split[0]) == list(METRIC_COLUMNS)
     for a, b in zip(rows_straight, rows_split):
@@ -87,18 +89,18 @@ def test_train_checkpoint_resume_continues_exactly(served, tiny_qwen2_dir, tmp_p
 
 def test_existing_run_needs_resume_and_resume_needs_a_run(served, tiny_qwen2_dir, tmp_path):
     with pytest.raises(NotFound, match="no checkpoint"):
-        _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "empty", resume=True))
+        run_training(served, train_config(served, tiny_qwen2_dir, tmp_path / "empty", resume=True))
     out = tmp_path / "taken"
     out.mkdir()
     (out / CHECKPOINT).write_bytes(b"")
     with pytest.raises(Conflict, match="--resume"):
-        _run(served, _cfg(served, tiny_qwen2_dir, out))
+        run_training(served, train_config(served, tiny_qwen2_dir, out))
 
 
 def test_refuses_a_dataset_of_another_tokenizer_before_training(served, tiny_qwen2_dir, tmp_path):
     # `alpha` records a made-up tokenizer fingerprint: the tiny student's tokenizer is not it.
     with pytest.raises(TokenizerMismatch):
-        _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "run", dataset="alpha", sft_teacher=None))
+        run_training(served, train_config(served, tiny_qwen2_dir, tmp_path / "run", dataset="alpha", sft_teacher=None))
     assert not (tmp_path / "run" / METRICS).exists()
 
 
@@ -106,7 +108,7 @@ def test_declared_sft_teacher_of_another_model_is_refused(served, tiny_qwen2_dir
     from lopd.errors import TeacherMismatch
 
     with pytest.raises(TeacherMismatch, match="teacher consistency"):
-        _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "run", sft_teacher=str(tiny_llama_b_dir)))
+        run_training(served, train_config(served, tiny_qwen2_dir, tmp_path / "run", sft_teacher=str(tiny_llama_b_dir)))
 
 
 def test_missing_optional_logger_fails_fast_with_the_fix(served, tiny_qwen2_dir, tmp_path, monkeypatch):
@@ -116,7 +118,7 @@ def test_missing_optional_logger_fails_fast_with_the_fix(served, tiny_qwen2_dir,
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
     with pytest.raises(InvalidInput, match="pip install wandb"):
-        _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "run", wandb=True))
+        run_training(served, train_config(served, tiny_qwen2_dir, tmp_path / "run", wandb=True))
 
 
 @pytest.mark.slow
@@ -128,9 +130,11 @@ def test_train_command_line(served, tiny_qwen2_dir, tmp_path):
     out = tmp_path / "cli"
     args = ["train", "--url", served.url, "--dataset", "scored", "--student", str(tiny_qwen2_dir), "--out", str(out)]
     args += ["--steps", "2", "--batch-size", "4", "--sft-teacher", served.store.teacher_fingerprint, "--log-every", "1"]
+    args += ["--dtype", "bfloat16", "--gradient-checkpointing", "--eval-samples", "4", "--eval-every", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "step 2/2" in result.output and (out / CHECKPOINT).is_file()
+    assert "forward in bfloat16, gradient checkpointing" in result.output and "eval at step 2" in result.output
     other = ["train", "--url", served.url, "--dataset", "alpha", "--student", str(tiny_qwen2_dir)]
     refused = CliRunner().invoke(app, other + ["--out", str(tmp_path / "other")])
     assert refused.exit_code == 2 and "refusing to train" in refused.output
@@ -140,14 +144,14 @@ def test_train_command_line(served, tiny_qwen2_dir, tmp_path):
 def test_trains_on_cuda(served, tiny_qwen2_dir, tmp_path):
     import math
 
-    result = _run(served, _cfg(served, tiny_qwen2_dir, tmp_path / "cuda", steps=2, device="cuda"))
+    result = run_training(served, train_config(served, tiny_qwen2_dir, tmp_path / "cuda", steps=2, device="cuda"))
     assert result.step == 2 and math.isfinite(result.last_metrics["loss"])
 
 
 def test_on_step_sees_every_step_in_eval_mode(served, tiny_qwen2_dir, tmp_path):
     seen: list[tuple[int, bool]] = []
     result = train_student(
-        _cfg(served, tiny_qwen2_dir, tmp_path / "hook", steps=3, grad_accum=1),
+        train_config(served, tiny_qwen2_dir, tmp_path / "hook", steps=3, grad_accum=1),
         echo=lambda s: None,
         client=served.client(retries=2, backoff_s=0.01),
         on_step=lambda step, model: seen.append((step, model.training)),
@@ -160,12 +164,14 @@ def test_ratio_reference_rollout_weighs_by_the_rollout_policy(served, tiny_qwen2
     # With the current policy as reference the ratio is exactly 1, so the loss is minus the mean
     # advantage. The store's rollout log-probs come from another model than this student, so with
     # the rollout policy as reference the ratio exp(student - rollout) is far from 1 and the loss differs.
-    current = _run(
-        served, _cfg(served, tiny_qwen2_dir, tmp_path / "current", steps=1, grad_accum=1, ratio_reference="current")
+    current = run_training(
+        served,
+        train_config(served, tiny_qwen2_dir, tmp_path / "current", steps=1, grad_accum=1, ratio_reference="current"),
     )
     assert TrainConfig(url="u", dataset="d", student=tmp_path, out=tmp_path).ratio_reference == "rollout"
-    rollout = _run(
-        served, _cfg(served, tiny_qwen2_dir, tmp_path / "rollout", steps=1, grad_accum=1, ratio_reference="rollout")
+    rollout = run_training(
+        served,
+        train_config(served, tiny_qwen2_dir, tmp_path / "rollout", steps=1, grad_accum=1, ratio_reference="rollout"),
     )
     assert current.last_metrics["loss"] == pytest.approx(-current.last_metrics["mean_advantage"], abs=1e-5)
     # Same data and weights at step 1: the advantage is the same, only the ratio changed.
@@ -173,3 +179,79 @@ def test_ratio_reference_rollout_weighs_by_the_rollout_policy(served, tiny_qwen2
     assert abs(rollout.last_metrics["loss"] + rollout.last_metrics["mean_advantage"]) > 1e-3
     with pytest.raises(Exception, match="ratio_reference"):
         TrainConfig(url="http://x", dataset="d", student=tmp_path, out=tmp_path, ratio_reference="old").validate()
+
+
+def test_progress_line_reports_throughput_and_data_wait_share(served, tiny_qwen2_dir, tmp_path):
+    import re
+
+    lines: list[str] = []
+    run_training(served, train_config(served, tiny_qwen2_dir, tmp_path / "run", steps=3, log_every=2), lines)
+    progress = [line for line in lines if line.startswith("step ")]
+    assert [line.split(":")[0] for line in progress] == ["step 2/3", "step 3/3"]  # every --log-every, and the end
+    for line in progress:
+        assert re.search(r"\| [\d,]+ response tokens/s, data wait \d+\.\d%, \d+\.\d\d s/step$", line), line
+
+
+@pytest.fixture(scope="module")
+def no_rollout_logprobs(client_store, tmp_path_factory):
+    """The `scored` samples republished without rollout log-probs (as `lopd precompute` without
+    --rollout-policy stores rollouts that carry none), served on their own."""
+    from lopd.storage.manifest import Consistency
+    from tests.client.conftest import Served, _real_server
+    from tests.utils.factories import provenance, publish_samples
+
+    base = provenance()
+    prov = base.model_copy(
+        update={
+            "teacher": base.teacher.model_copy(update={"fingerprint": client_store.teacher_fingerprint}),
+            "sft_teacher_fingerprint": client_store.teacher_fingerprint,
+            "tokenizer_fingerprint": client_store.tokenizer_fingerprint,
+            "rollout_tokenizer_fingerprint": client_store.tokenizer_fingerprint,
+            "rollout_logprobs_source": "none",
+            "consistency": Consistency(teacher_consistent=True, mismatch_allowed=False, rollout_tokenizer_checked=True),
+        }
+    )
+    samples = dict(client_store.samples["scored"])
+    samples["rollout"] = [None] * len(samples["ids"])
+    root = tmp_path_factory.mktemp("no-rollout-store")
+    publish_samples(root, "scored", samples, prov=prov, per_part=8)
+    with _real_server(root) as url:
+        yield Served(url=url, store=client_store)
+
+
+def test_rollout_reference_without_rollout_logprobs_warns_once_at_start(
+    no_rollout_logprobs, served, tiny_qwen2_dir, tmp_path
+):
+    import logging
+
+    events: list[str] = []  # progress lines and warnings, in the order they happened
+
+    class Record(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                events.append("warning: " + record.getMessage())
+
+    logger = logging.getLogger("lopd.client.trainer")
+    handler = Record()
+    logger.addHandler(handler)
+    try:
+        cfg = train_config(no_rollout_logprobs, tiny_qwen2_dir, tmp_path / "plain", steps=3, log_every=1)
+        run_training(no_rollout_logprobs, cfg, events)
+        said = [i for i, e in enumerate(events) if e.startswith("warning: ") and "--rollout-policy" in e]
+        assert len(said) == 1  # exactly once, for a run of several steps...
+        assert said[0] < min(i for i, e in enumerate(events) if e.startswith("step "))  # ...before the first step
+        message = events[said[0]]
+        assert "falls back to ratio 1" in message and "plain policy gradient" in message and "trust region" in message
+        assert "lopd precompute ... --rollout-policy DIR" in message and "--ratio-reference current" in message
+        rows = read_metrics(tmp_path / "plain")
+        assert all(float(r["clip_frac"]) == 0.0 for r in rows)  # what it warns of: no clipping can happen
+        assert float(rows[0]["loss"]) == pytest.approx(-float(rows[0]["mean_advantage"]), abs=1e-5)
+
+        # Not said when there is nothing to fall back from: the plain gradient asked for, or rollout log-probs stored.
+        events.clear()
+        run_training(no_rollout_logprobs, train_config(no_rollout_logprobs, tiny_qwen2_dir, tmp_path / "current",
+                                                       steps=1, ratio_reference="current"), events)  # fmt: skip
+        run_training(served, train_config(served, tiny_qwen2_dir, tmp_path / "mixed", steps=1), events)
+        assert not [e for e in events if e.startswith("warning: ")]
+    finally:
+        logger.removeHandler(handler)

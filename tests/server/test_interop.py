@@ -166,6 +166,45 @@ def test_import_provenance_unknown_unless_fingerprints_given(tmp_path: Path, tok
     assert same.provenance.teacher.fingerprint == TEACHER_FP
 
 
+
+def test_unknown_provenance_is_explained_with_the_import_fix(tmp_path: Path, tokenizer, source) -> None:  # type: ignore[no-untyped-def]
+    """Bug 6: an import without fingerprints is not "built with --allow-teacher-mismatch", and the fix is an import."""
+    from lopd.client.consistency import check_dataset_for_training
+    from lopd.errors import TeacherMismatch
+    from lopd.stats_text import render_text
+    from lopd.storage import stats
+
+    store, _ = source
+    out = tmp_path / "ref.parquet"
+    export_lightning_opd(store, "orig", out, tokenizer)
+    dst = tmp_path / "dst"
+    m = import_lightning_opd([out], dst, "a", tokenizer)
+    assert m.provenance.consistency.verdict == "inconsistent"  # the API's verdict values are unchanged
+
+    con = stats.consistency(dst, "a")
+    assert con.verdict == "inconsistent" and con.provenance_known is False
+    assert "provenance unknown" in con.explanation
+    text = render_text(stats.coverage(dst, "a"), con)
+    verdict_line = next(line for line in text.splitlines() if "verdict" in line)
+    assert "INCONSISTENT: provenance unknown" in verdict_line
+    assert "lopd import --teacher-fingerprint FP --sft-teacher-fingerprint FP" in verdict_line
+    assert "--allow-teacher-mismatch" not in text
+
+    with pytest.raises(TeacherMismatch) as err:
+        check_dataset_for_training(m.model_dump(mode="json"), allow_inconsistent=False)
+    message = str(err.value)
+    assert "provenance is unknown" in message and "--teacher-fingerprint FP --sft-teacher-fingerprint FP" in message
+    assert "lopd precompute" not in message and "--allow-teacher-mismatch" not in message
+
+    # A real mismatch still names the two teachers and the precompute fix.
+    different = import_lightning_opd(
+        [out], dst, "c", tokenizer, teacher_fingerprint=TEACHER_FP, sft_teacher_fingerprint=OTHER_FP
+    )
+    assert "lopd precompute" in stats.consistency(dst, "c").explanation
+    with pytest.raises(TeacherMismatch, match="lopd precompute"):
+        check_dataset_for_training(different.model_dump(mode="json"))
+    assert stats.consistency(dst, "c").provenance_known is True
+
 def _reference_table(rows: list[dict]) -> pa.Table:
     meta = pa.struct(
         [

@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from lopd.errors import BadRecords, TeacherMismatch, TokenizerMismatch
 from lopd.fingerprint import model_fingerprint
 from lopd.server.precompute import PrecomputeConfig, run_precompute
+from lopd.server.teachers.base import DEFAULT_MAX_BATCH_SIZE
 from lopd.storage import layout
 from lopd.storage.reader import Store
 from tests.utils.naive import naive_logprobs
@@ -187,10 +189,14 @@ def test_bad_records_skipped_are_reported_in_coverage(tmp_path, tiny_llama_dir):
     result = run_precompute(_cfg(tmp_path, _bad_rollouts(tmp_path), tiny_llama_dir, on_bad_record="skip"))
     m = result.manifest
     assert m.coverage.input_records == 17
-    assert m.coverage.skipped == 6  # empty, oov, both r0001, long, bad json
-    assert m.num_samples == 11
-    assert "r0001" not in Store(tmp_path / "store").open("ds").read_all()["sample_id"].to_pylist()
-    assert sum(stats.coverage(tmp_path / "store", "ds").skipped_by_reason.values()) == 6
+    assert m.coverage.skipped == 5  # empty, oov, the second r0001, long, bad json
+    assert m.num_samples == 12
+    table = Store(tmp_path / "store").open("ds").read_all()
+    ids = table["sample_id"].to_pylist()
+    assert ids.count("r0001") == 1 and len(table["response_ids"][ids.index("r0001")].as_py()) > 1  # the first one
+    assert sum(stats.coverage(tmp_path / "store", "ds").skipped_by_reason.values()) == 5
+    skipped = dict(zip(*pq.read_table(tmp_path / "store" / "ds" / "v1" / "skipped.parquet").to_pydict().values()))
+    assert skipped["r0001"] == "duplicate id: bad.jsonl:15 repeats the id of bad.jsonl:2 (kept)"
 
 
 def test_rollout_policy_fills_missing_rollout_logprobs(tmp_path, rollouts_file, tiny_llama_dir, tiny_qwen2_dir):
@@ -224,12 +230,50 @@ def test_many_workers_build_the_same_dataset_as_one_worker(tmp_path, rollouts_fi
     assert [f.sha256 for f in sharded.files] == [f.sha256 for f in single.files]
 
 
-def test_resume_with_a_smaller_batch_budget_after_a_partial_run(tmp_path, rollouts_file, tiny_llama_dir):
-    first = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir, num_workers=2, worker_index=0, publish=False))
+def test_resume_same_command_is_byte_identical_other_batch_budget_is_recorded(tmp_path, rollouts_file, tiny_llama_dir):
+    """Bug 2: the same command resumes to the same bytes; other batch budgets resume too, recorded per part."""
+    from lopd.stats_text import render_text
+    from lopd.storage import stats
+
+    reference = run_precompute(_cfg(tmp_path / "ref", rollouts_file, tiny_llama_dir)).manifest
+    half = dict(num_workers=2, worker_index=0, publish=False)  # parts 0 and 2, then "killed"
+    run_precompute(_cfg(tmp_path / "same", rollouts_file, tiny_llama_dir, **half))
+    same = run_precompute(_cfg(tmp_path / "same", rollouts_file, tiny_llama_dir))
+    assert same.parts_scored == 2
+    assert [f.sha256 for f in same.manifest.files] == [f.sha256 for f in reference.files]
+    assert same.manifest.content_hash == reference.content_hash
+
+    first = run_precompute(_cfg(tmp_path / "other", rollouts_file, tiny_llama_dir, **half))
     assert first.status == "waiting_for_workers"
-    final = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir, max_batch_tokens=64))
+    final = run_precompute(_cfg(tmp_path / "other", rollouts_file, tiny_llama_dir, max_batch_tokens=64))
     assert final.status == "published" and final.parts_scored == 2
-    assert final.manifest.num_samples == 30
+    assert final.manifest.num_samples == 30 and final.manifest.run_key == reference.run_key
+    ds = Store(tmp_path / "other" / "store").open("ds")
+    big, small = ({"max_batch_size": DEFAULT_MAX_BATCH_SIZE, "max_batch_tokens": t} for t in (512, 64))
+    assert ds.scored_with() == [big, small, big, small]
+    got = ds.read_all()["teacher_logprobs"].to_pylist()
+    want = Store(tmp_path / "ref" / "store").open("ds").read_all()["teacher_logprobs"].to_pylist()
+    diff = max(float(np.max(np.abs(np.subtract(g, w)))) for g, w in zip(got, want))
+    assert diff < 1e-4  # parts scored with another budget may differ, within float rounding
+    cov = stats.coverage(tmp_path / "other" / "store", "ds")
+    assert [(g.settings, g.parts) for g in cov.scored_with] == [(big, [0, 2]), (small, [1, 3])]
+    text = render_text(cov, None)
+    assert f"scored with       max_batch_size={DEFAULT_MAX_BATCH_SIZE} max_batch_tokens=64 (parts 1, 3)" in text
+    assert "may differ within float rounding" in text
+
+
+def test_equal_content_equal_hash_whatever_the_input_file(tmp_path, rollouts_file, tiny_llama_dir):
+    """Bug 8: the same records from ids.jsonl and ids.jsonl.gz are other runs, but the same content."""
+    import gzip
+
+    packed = tmp_path / "ids.jsonl.gz"
+    packed.write_bytes(gzip.compress(rollouts_file.read_bytes()))
+    plain = run_precompute(_cfg(tmp_path / "plain", rollouts_file, tiny_llama_dir)).manifest
+    gz = run_precompute(_cfg(tmp_path / "gz", packed, tiny_llama_dir)).manifest
+    assert plain.run_key != gz.run_key and plain.files[0].sha256 != gz.files[0].sha256  # footers name the run
+    tables = [Store(tmp_path / d / "store").open("ds").read_all() for d in ("plain", "gz")]
+    assert tables[0].equals(tables[1])
+    assert plain.content_hash == gz.content_hash
 
 
 # ---- crashes: a real process, killed, then re-run with the same arguments ----

@@ -438,14 +438,13 @@ def test_bad_vllm_request_output_names_file_line_and_field(
 
 
 def test_vllm_request_ids_restarting_in_each_run_are_duplicates(tmp_path: Path) -> None:
-    # vllm.LLM numbers its requests from 0 in every run, so two runs' dumps share ids: refused, with locations.
+    # vllm.LLM numbers its requests from 0 in every run, so two runs' dumps share ids: the first keeps it.
     a = write_jsonl(tmp_path / "a.jsonl", [request_output("0", [1], [([2], None), ([3], None)])])
     b = write_jsonl(tmp_path / "b.jsonl", [request_output("0", [1], [([4], None)])])
     s = scan_rollouts([a, b], None, vocab_size=10, max_context=10)
-    assert [r.id for r in s.records] == ["0/1"]
+    assert [r.id for r in s.records] == ["0/0", "0/1"]
     assert s.problems == [
-        ("0/0", "duplicate id: also used at b.jsonl:1 outputs[0]"),
-        ("0/0", "duplicate id: also used at a.jsonl:1 outputs[0]"),
+        ("0/0", "duplicate id: b.jsonl:1 outputs[0] repeats the id of a.jsonl:1 outputs[0] (kept)"),
     ]
 
 
@@ -637,30 +636,52 @@ def test_unicode_garbage_line(tmp_path: Path) -> None:
     assert s.problems[0][0] == "r.jsonl:2" and "invalid JSON" in s.problems[0][1]
 
 
-def test_duplicate_ids_flag_every_occurrence(tmp_path: Path) -> None:
+def test_invalid_json_is_placed_by_file_line_and_column(tmp_path: Path) -> None:
+    """`file:LINE: column C: what`: the decoder's own "line 2 column 1" of a one-line record never shows."""
+    pretty = json.dumps({"id": "p", "prompt_ids": [1], "response_ids": [2]}, indent=1)  # spread over 9 lines
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        "\n".join([json.dumps(GOOD), pretty, '{"id": "t", "prompt_ids": [1', json.dumps(GOOD) + ' {"x": 1}']) + "\n"
+    )
+    s = scan(path, None)
+    shown = [f"{label}: {reason}" for label, reason in s.problems]
+    end = "a JSONL record is one JSON object on one line (is this one cut short, or spread over several lines?)"
+    assert shown[0] == (
+        "bad.jsonl:2: column 2 (the end of the line): invalid JSON: Expecting property name enclosed in double "
+        f"quotes; {end}"
+    )
+    assert shown[1] == "bad.jsonl:3: column 6: invalid JSON: Extra data"  # ` "id": "p",` after its first string
+    assert shown[-3] == "bad.jsonl:10: column 1: invalid JSON: Expecting value"  # the closing `}`
+    assert shown[-2] == f"bad.jsonl:11: column 29 (the end of the line): invalid JSON: Expecting ',' delimiter; {end}"
+    assert shown[-1] == f"bad.jsonl:12: column {len(json.dumps(GOOD)) + 2}: invalid JSON: Extra data"
+    assert not any("line 2" in line or "char " in line for line in shown)
+
+
+def test_duplicate_ids_the_first_record_keeps_the_id(tmp_path: Path) -> None:
     def r(rid: Any, **kw: Any) -> dict[str, Any]:
         return {"id": rid, "prompt_ids": [1], "response_ids": [2], **kw}
 
     a = write_jsonl(tmp_path / "a.jsonl", [r("x"), r("y"), r("x"), r(1), r("z", response_ids=[])])
     b = write_parquet(tmp_path / "b.parquet", [r("x"), r("1"), r("w"), r("z")])
     s = scan_rollouts([a, b], None, vocab_size=10, max_context=10)
-    assert [rec.id for rec in s.records] == ["y", "w"]
+    assert [rec.id for rec in s.records] == ["x", "y", "1", "w"]
+    assert [rec.source for rec in s.records] == [0, 0, 0, 1]  # "x" and "1" from a.jsonl, where they come first
     assert s.total == 9
-    assert [p[0] for p in s.problems] == ["x", "x", "1", "z", "x", "1", "z"]
+    assert [p[0] for p in s.problems] == ["x", "z", "x", "1", "z"]
     reasons = [p[1] for p in s.problems]
-    assert reasons[0] == "duplicate id: also used at a.jsonl:3, b.parquet:row 0"
-    assert reasons[1] == "duplicate id: also used at a.jsonl:1, b.parquet:row 0"
-    assert reasons[2] == "duplicate id: also used at b.parquet:row 1"  # int 1 and "1" are the same id
-    assert reasons[3].startswith("response is empty") and "b.parquet:row 3" in reasons[3]
-    assert reasons[4] == "duplicate id: also used at a.jsonl:1, a.jsonl:3"
-    assert reasons[6] == "duplicate id: also used at a.jsonl:5"
+    assert reasons[0] == "duplicate id: a.jsonl:3 repeats the id of a.jsonl:1 (kept)"
+    assert reasons[1].startswith("response is empty")
+    assert reasons[2] == "duplicate id: b.parquet:row 0 repeats the id of a.jsonl:1 (kept)"
+    assert reasons[3] == "duplicate id: b.parquet:row 1 repeats the id of a.jsonl:4 (kept)"  # int 1 and "1": one id
+    # The first "z" is invalid: it still owns the id, so the later valid "z" is not kept either.
+    assert reasons[4] == "duplicate id: b.parquet:row 3 repeats the id of a.jsonl:5 (not kept either: it is invalid)"
 
 
-def test_many_duplicates_name_a_few_locations(tmp_path: Path) -> None:
+def test_many_duplicates_stay_linear_and_name_two_locations(tmp_path: Path) -> None:
     recs = [{"id": "same", "prompt_ids": [1], "response_ids": [2]} for _ in range(50)]
     s = scan(write_jsonl(tmp_path / "r.jsonl", recs), None)
-    assert s.records == [] and len(s.problems) == 50
-    assert s.problems[0][1].endswith("r.jsonl:6 and 44 more")
+    assert [r.id for r in s.records] == ["same"] and len(s.problems) == 49
+    assert s.problems[-1][1] == "duplicate id: r.jsonl:50 repeats the id of r.jsonl:1 (kept)"
 
 
 def test_locators_use_paths_when_names_collide(tmp_path: Path) -> None:
@@ -790,8 +811,12 @@ def _oracle(records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
         if k is not None:
             counts[k] = counts.get(k, 0) + 1
     good, bad = [], []
+    seen: set[str] = set()
     for line, (k, ok) in enumerate(zip(keys, valid), 1):
-        if ok and counts[k] == 1:  # type: ignore[index]
+        first = k is not None and k not in seen  # the first record with an id owns it, valid or not
+        if k is not None:
+            seen.add(k)
+        if ok and first:
             good.append(k)
         else:
             bad.append(k if k is not None else f"r.jsonl:{line}")

@@ -6,10 +6,14 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from lopd.cli import app
 from lopd.server.precompute import PrecomputeConfig, run_precompute
 from lopd.server.verify import VerifyConfig, verify_dataset
+from lopd.storage.reader import Store
 from tests.server.test_precompute import write_rollouts
 
 
@@ -49,3 +53,39 @@ def test_verify_command_exit_codes(scored_store, tiny_llama_dir, tiny_llama_b_di
     good, bad = run(tiny_llama_dir), run(tiny_llama_b_dir)
     assert good.returncode == 0 and json.loads(good.stdout)["passed"] is True, good.stderr
     assert bad.returncode == 1 and json.loads(bad.stdout)["fingerprint_matches"] is False
+
+
+def test_identical_log_probs_name_no_worst_sample(scored_store, tiny_llama_dir, monkeypatch):
+    """When every rescored log-prob equals the stored one, no sample is "worst" (argmax of zeros is not a finding)."""
+    ds = Store(scored_store).open("t1")
+    table = ds.read_all(["prompt_ids", "response_ids", "teacher_logprobs"])
+    stored = {
+        (tuple(p), tuple(r)): np.asarray(t, np.float32)
+        for p, r, t in zip(*(table[c].to_pylist() for c in ("prompt_ids", "response_ids", "teacher_logprobs")))
+    }
+
+    class Exact:  # a teacher that reproduces the store bit for bit
+        def score(self, prompts, responses):
+            return [stored[(tuple(p.tolist()), tuple(r.tolist()))] for p, r in zip(prompts, responses)]
+
+        def close(self):
+            pass
+
+    cfg = VerifyConfig(store=scored_store, dataset="t1", teacher=tiny_llama_dir, samples=10)
+    monkeypatch.setattr(type(cfg.backend), "load", lambda self, teacher, job: Exact())
+    same = verify_dataset(cfg)
+    assert same.passed and same.max_abs_diff == 0 and same.worst_sample_id is None
+    assert same.summary().endswith("(tolerance 0.001; all samples identical)") and "worst" not in same.summary()
+    assert same.to_json()["worst_sample_id"] is None
+
+    # The command prints that line.
+    monkeypatch.setattr("lopd.server.verify.verify_dataset", lambda cfg: same)
+    args = ["verify", str(scored_store), "--dataset", "t1", "--teacher", str(tiny_llama_dir)]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert done.output.strip() == same.summary()
+
+
+def test_a_differing_sample_is_named(scored_store, tiny_llama_b_dir):
+    other = verify_dataset(VerifyConfig(store=scored_store, dataset="t1", teacher=tiny_llama_b_dir, samples=10))
+    assert other.worst_sample_id is not None and other.summary().endswith(f"worst sample {other.worst_sample_id})")

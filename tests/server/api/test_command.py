@@ -19,6 +19,17 @@ from tests.utils.factories import build_dataset
 
 # `lopd serve ARGS...`, through the real command line app.
 RUNNER = "import sys; from lopd.cli import app; app(['serve', *sys.argv[1:]])"
+# The same, up to the point where uvicorn would start serving (which prints "serving HOST PORT" instead).
+UP_TO_START = (
+    "import sys, uvicorn; uvicorn.run = lambda app, **kw: print('serving', kw['host'], kw['port']);"
+    "from lopd.cli import app; app(['serve', *sys.argv[1:]])"
+)
+
+
+def serve(*args: str | Path, start: bool = False) -> subprocess.CompletedProcess[str]:
+    """`lopd serve ARGS` in a subprocess; it stops where uvicorn would start unless `start`."""
+    cmd = [sys.executable, "-c", RUNNER if start else UP_TO_START, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 def free_port() -> int:
@@ -63,7 +74,9 @@ def test_serve_command_runs_with_tokens_and_env(tmp_path: Path) -> None:
 def test_bad_tokens_file_fails_fast(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens.json"
     tokens.write_text("{}")
-    cmd = [sys.executable, "-c", RUNNER, str(tmp_path), "--tokens-file", str(tokens), "--port", str(free_port())]
+    (tmp_path / "store").mkdir()
+    cmd = [sys.executable, "-c", RUNNER, str(tmp_path / "store"), "--tokens-file", str(tokens)]
+    cmd += ["--port", str(free_port())]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "lists no tokens" in done.stderr
@@ -77,3 +90,51 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert (s.store, s.max_response_tokens, s.max_batch_indices, s.catalog_ttl_s) == (tmp_path, 123, 4096, 2.0)
     assert s.exposed
     assert ServerSettings(host="127.0.0.1").exposed is False  # arguments win over the environment
+
+
+def test_a_store_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    done = serve(tmp_path / "no-such-store", "--port", free_port())
+    assert done.returncode == 2, done.stderr
+    assert f"store {tmp_path / 'no-such-store'} does not exist" in done.stderr
+    assert "lopd precompute" in done.stderr and "--store" in done.stderr
+    assert "serving" not in done.stdout and "Traceback" not in done.stderr
+
+
+def test_a_directory_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a store")
+    done = serve(tmp_path, "--port", free_port())
+    assert done.returncode == 2, done.stderr
+    assert f"{tmp_path} is not a lightning-opd store (it has no lopd-store.json)" in done.stderr
+    assert "lopd precompute" in done.stderr
+    (tmp_path / "file.parquet").write_text("")
+    done = serve(tmp_path / "file.parquet", "--port", free_port())
+    assert done.returncode == 2 and "is not a directory" in done.stderr
+
+
+def test_an_empty_directory_is_served_with_a_warning(tmp_path: Path) -> None:
+    """A store to be filled later: precompute creates the store in it, and the server picks datasets up live."""
+    port = free_port()
+    done = serve(tmp_path, "--port", port)
+    assert done.returncode == 0, done.stderr
+    assert f"warning: store {tmp_path} is empty" in done.stderr
+    assert done.stdout.strip() == f"serving 127.0.0.1 {port}"
+
+
+def test_a_port_in_use_is_refused_before_startup(tmp_path: Path) -> None:
+    build_dataset(tmp_path / "store", "ds", n=4, per_part=4, seed=1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = serve(tmp_path / "store", "--port", port, start=True)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"error: port {port} on 127.0.0.1 is in use" in done.stderr and "--port" in done.stderr
+    assert "startup complete" not in done.stdout + done.stderr and "Errno" not in done.stderr
+
+
+def test_serving_beyond_loopback_without_tokens_warns_once(tmp_path: Path) -> None:
+    build_dataset(tmp_path / "store", "ds", n=4, per_part=4, seed=1)
+    done = serve(tmp_path / "store", "--host", "0.0.0.0", "--port", free_port())
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("serving on 0.0.0.0") == 1, done.stderr  # once: the app warns, the command does not
+    assert "without a tokens file (--tokens-file" in done.stderr

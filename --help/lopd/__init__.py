@@ -1,0 +1,1 @@
+/work/main/lopd/__init__.py

@@ -1,0 +1,1 @@
+/work/main/lopd/__main__.py

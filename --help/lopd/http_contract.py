@@ -1,0 +1,1 @@
+/work/main/lopd/http_contract.py

@@ -1,0 +1,1 @@
+/work/main/lopd/retry.py

@@ -1,0 +1,1 @@
+/work/main/lopd/stats_text.py
