@@ -20,7 +20,7 @@ from .pipeline import app as pipeline_app
 from .scoring import finalize_command, fingerprint_command, precompute_command, verify_command
 from .serve import serve_command
 from .store import export_command, gc_command, import_command, ls_command, stats_command
-from .train import train_command
+from .train import plot_command, train_command
 
 app = typer.Typer(
     name="lopd",
@@ -47,6 +47,7 @@ app.command("verify")(verify_command)
 app.command("fingerprint")(fingerprint_command)
 app.command("serve")(serve_command())
 app.command("train")(train_command)
+app.command("plot")(plot_command)
 app.command("export")(export_command)
 app.command("import")(import_command)
 app.command("tiny-model")(tiny_model_command)
