@@ -22,8 +22,14 @@ class TrainConfig(LopdSettings):
     student: Path = Field(description="Student model directory (Hugging Face format, with tokenizer).")
     out: Path = Field(description="Run directory: checkpoint.pt, metrics.csv, eval.csv, model/ (adapter/ with LoRA).")
     steps: int = Field(100, ge=1, description="Optimizer steps to train to (counted from the run's start).")
-    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    # The global batch is batch_size x grad_accum x processes (torchrun's world size; client/distributed.py).
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch, on each process.")
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimizer step, on each process: a step trains on batch-size x grad-accum x "
+        "processes sequences.",
+    )
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup steps.")
@@ -68,6 +74,9 @@ class TrainConfig(LopdSettings):
         10, ge=1, description="Print a progress line (loss, KL, tokens/s, data-wait share) every N steps."
     )
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
+    record_samples: bool = Field(
+        False, description="Write steps.jsonl: the dataset indices and sample ids each step trained on, in order."
+    )
     prefetch: int = Field(4, ge=0, description="Batches fetched ahead of the trainer.")
     clip_eps_low: float = Field(0.2, ge=0, description="PPO ratio clipping epsilon below 1.")
     clip_eps_high: float = Field(0.2, ge=0, description="PPO ratio clipping epsilon above 1.")

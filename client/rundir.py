@@ -1,7 +1,8 @@
 """What `lopd train` writes into its run directory, and the names `lopd plot` reads back.
 
 `checkpoint.pt` (one dict: model, optimizer, scaler, config, step, loader state, RNG),
-`metrics.csv` (one row per optimizer step), `eval.csv` (one row per evaluation on the held-out
+`metrics.csv` (one row per optimizer step), `steps.jsonl` (with `--record-samples`: the samples each
+step trained on), `eval.csv` (one row per evaluation on the held-out
 samples), `model/` (a `save_pretrained` directory) and, with LoRA, `adapter/`. No torch at import:
 `lopd plot` needs none.
 """
@@ -9,6 +10,7 @@ samples), `model/` (a `save_pretrained` directory) and, with LoRA, `adapter/`. N
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +21,7 @@ from lopd.errors import InvalidInput
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 EVAL = "eval.csv"
+STEPS = "steps.jsonl"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
 METRIC_COLUMNS = (
@@ -67,6 +70,22 @@ class CSVLog:
     def write(self, row: dict[str, float]) -> None:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(row)
+
+
+class JSONLog:
+    """A JSON Lines file of one object per step (each with a `step`); on resume, lines after the
+    checkpoint's step are dropped, like `CSVLog`'s rows."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        kept: list[str] = []
+        if resume_step > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, separators=(",", ":")) + "\n")
 
 
 def open_sinks(out: Path, *, tensorboard: bool, wandb: bool, wandb_project: str, config: dict[str, Any]) -> list[Sink]:

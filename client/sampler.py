@@ -12,6 +12,10 @@ Partitioning, from the permutation `perm` of one epoch:
 * The tail (fewer than G samples) is split as evenly as possible between ranks, so every
   sample is used exactly once per epoch; ranks may then differ by one (smaller) batch. Pass
   `drop_last=True` to drop the tail instead, which keeps DDP ranks in lockstep.
+* `even_batches=True` (what DDP needs: every rank runs the same number of forward and backward
+  passes per epoch) gives a rank whose share of the tail is empty (the tail has fewer samples than
+  ranks) a filler batch of one sample instead of none; `is_filler(epoch, k)` names it, and the
+  trainer gives it zero weight, so "exactly once" still holds for the samples that count.
 * `exclude` (e.g. a held-out evaluation set) takes indices out of every epoch: the permutation is
   then of the remaining indices, and "every sample exactly once" holds for them.
 * DataLoader workers: the stream of this rank's remaining batches is dealt round-robin, batch j
@@ -54,6 +58,7 @@ class EpochSampler:
         version: int | None = None,
         content_hash: str | None = None,
         exclude: Sequence[int] | np.ndarray | None = None,
+        even_batches: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size is {batch_size}; it must be at least 1")
@@ -70,6 +75,7 @@ class EpochSampler:
         self.world_size = int(world_size)
         self.drop_last = bool(drop_last)
         self.shuffle = bool(shuffle)
+        self.even_batches = bool(even_batches)
         self.dataset = dataset
         self.version = version
         self.content_hash = content_hash
@@ -86,7 +92,7 @@ class EpochSampler:
         self.epoch = 0
         self.batches_consumed = 0
         self._cache: tuple[int, list[np.ndarray]] | None = None
-        if len(self) == 0:  # also keeps an endless multi-epoch walk from spinning without yielding
+        if self._real_len() == 0:  # also keeps an endless multi-epoch walk from spinning without yielding
             if not self.drop_last:
                 raise ValueError(
                     f"the dataset has {self.epoch_size} samples to draw, fewer than world_size {self.world_size}: "
@@ -124,19 +130,33 @@ class EpochSampler:
             mine = np.array_split(tail, self.world_size)[self.rank]  # sizes differ by at most 1
             if mine.size:
                 batches.append(mine)
+            elif self.even_batches:
+                batches.append(tail[-1:])  # a filler, weighed zero by the trainer (`is_filler`)
         self._cache = (epoch, batches)
         return batches
 
-    def __len__(self) -> int:
-        """Batches per epoch on this rank."""
+    def _tail(self) -> tuple[int, int]:
+        """(full global batches per epoch, this rank's share of the tail; 0 with drop_last)."""
         g = self.batch_size * self.world_size
         full = self.epoch_size // g
-        tail = self.epoch_size - full * g
-        if self.drop_last or tail == 0:
-            return full
+        tail = 0 if self.drop_last else self.epoch_size - full * g
         # array_split gives the first (tail % world_size) ranks one more sample than the others.
-        share = tail // self.world_size + (1 if self.rank < tail % self.world_size else 0)
+        return full, tail // self.world_size + (1 if self.rank < tail % self.world_size else 0)
+
+    def _real_len(self) -> int:
+        full, share = self._tail()
         return full + (1 if share else 0)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (with `even_batches`, the same on every rank)."""
+        full, share = self._tail()
+        has_tail = not self.drop_last and self.epoch_size % (self.batch_size * self.world_size) != 0
+        return full + 1 if has_tail and (share or self.even_batches) else full
+
+    def is_filler(self, epoch: int, k: int) -> bool:
+        """Whether batch `k` of `epoch` on this rank is an `even_batches` filler (to be weighed zero)."""
+        full, share = self._tail()
+        return self.even_batches and share == 0 and k == full and len(self) == full + 1
 
     def positions(self, num_epochs: int | None = 1) -> Iterator[tuple[int, int, np.ndarray]]:
         """(epoch, batch number in epoch, indices) from the current state on, without advancing it.
@@ -192,6 +212,15 @@ class EpochSampler:
             self.num_samples, self.batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size,
             drop_last=self.drop_last, shuffle=self.shuffle, dataset=self.dataset, version=self.version,
             content_hash=self.content_hash, exclude=np.union1d(self.excluded, np.asarray(indices, dtype=np.int64)),
+            even_batches=self.even_batches,
+        )  # fmt: skip
+
+    def evened(self) -> EpochSampler:
+        """This sampler with `even_batches=True` (at the start of epoch 0)."""
+        return EpochSampler(
+            self.num_samples, self.batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size,
+            drop_last=self.drop_last, shuffle=self.shuffle, dataset=self.dataset, version=self.version,
+            content_hash=self.content_hash, exclude=self.excluded, even_batches=True,
         )  # fmt: skip
 
     def _excluded_digest(self) -> str | None:
@@ -217,6 +246,7 @@ class EpochSampler:
             "world_size": self.world_size,
             "rank": self.rank,
             "drop_last": self.drop_last,
+            "even_batches": self.even_batches,
             "excluded": self._excluded_digest(),
             "num_excluded": int(self.excluded.size),
         }
@@ -247,7 +277,7 @@ class EpochSampler:
                 f"evaluation), this one leaves out {self.excluded.size}, or other ones; the order of the rest of "
                 "the epoch depends on them: resume with the same exclusions (the same --eval-samples)"
             )
-        for key in ("seed", "shuffle", "batch_size", "world_size", "drop_last"):
+        for key in ("seed", "shuffle", "batch_size", "world_size", "drop_last", "even_batches"):
             if key in state and state[key] != getattr(self, key):
                 raise ResumeMismatch(
                     f"the checkpoint's loader used {key}={state[key]!r}, this one {key}={getattr(self, key)!r}; "

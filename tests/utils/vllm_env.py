@@ -31,9 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON_VARIABLE = "LOPD_VLLM_PYTHON"
 DEFAULT_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
-# vLLM's CPU backend: the KV cache in GiB (its default would reserve a share of all RAM), and quieter logs.
+# Quieter logs, offline. The in-process backend runs with its own CPU defaults (no VLLM_CPU_KVCACHE_SPACE here).
 VLLM_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_LOGGING_LEVEL": "WARNING",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -149,8 +148,10 @@ def vllm_openai_server(
         "--served-model-name", "teacher", *(["--max-model-len", str(max_model_len)] if max_model_len else []), *extra,
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    # The server's own default reserves 0.92 of the CPU memory node; a 1 GiB KV cache is plenty for tiny models.
+    env = vllm_env(VLLM_CPU_KVCACHE_SPACE="1")
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=vllm_env(), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         try:
             deadline = time.monotonic() + timeout_s

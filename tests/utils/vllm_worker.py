@@ -61,11 +61,9 @@ def _topk(teacher: Any, spec: dict[str, Any]) -> dict[str, Any]:
     p, r = spec["records"][0]
     sp = params(prompt_logprob_token_ids=np.asarray([[t] for t in r], np.int64), prompt_logprob_start=len(p) - 1)
     rows: list[Any] = []
+    prompt = {"prompt_token_ids": p + r}
     out["token_id_rows_error"] = _error(
-        lambda: rows.extend(
-            _entries(pos)
-            for pos in llm.generate([{"prompt_token_ids": p + r}], sampling_params=sp, use_tqdm=False)[0].prompt_logprobs
-        )
+        lambda: rows.extend(_entries(pos) for pos in llm.generate([prompt], sp, use_tqdm=False)[0].prompt_logprobs)
     )
     out["token_id_rows"] = rows
     return out
@@ -85,6 +83,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         info = teacher.info
         result["info"] = {k: getattr(info, k) for k in info.__dataclass_fields__}
         result["max_batch_tokens"] = teacher.max_batch_tokens
+        try:  # what the engine was started with
+            config = teacher.llm.llm_engine.vllm_config
+            result["engine"] = {
+                "kv_cache_memory_bytes": config.cache_config.kv_cache_memory_bytes,
+                "enforce_eager": config.model_config.enforce_eager,
+                "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+                "logprobs_mode": str(config.model_config.logprobs_mode),
+            }
+        except AttributeError as e:
+            result["engine"] = {"error": repr(e)}
         if job.get("chunk_tokens"):
             vb.GENERATE_CHUNK_TOKENS = int(job["chunk_tokens"])  # several LLM.generate calls per score()
         start = time.perf_counter()
