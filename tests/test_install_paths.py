@@ -110,6 +110,7 @@ COMMANDS = [
     ("verify {store} --dataset ds --teacher {model}", {"torch", "transformers"}),
     ("export {store} --dataset ds --out {out}/e.parquet --tokenizer {model}", {"transformers"}),
     ("fingerprint {model} --tokenizer", {"transformers"}),
+    ("pipeline sft-data {model} {out}/sft.jsonl", {"torch", "transformers", "matplotlib"}),
 ]
 
 

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from lopd.cli import app
 from lopd.storage.gc import collect_garbage
-from lopd.storage.readers import LEASE_TTL_S, read_leases
 from lopd.storage.reader import Store
+from lopd.storage.readers import LEASE_TTL_S, read_leases
 from lopd.storage.staging import Staging
 from tests.server.api.test_command import RUNNER, free_port
 from tests.utils.factories import build_dataset, make_plan, random_samples, write_parts
@@ -161,7 +161,7 @@ def test_gc_and_a_real_lopd_serve(store: Path) -> None:
         assert f"kept         version v1  being read ({lease.stem})" in out.stdout
         code, text = cli("ls", str(store))
         assert f"[read by {lease.stem}]" in text and "readers: 1 live" in text
-        assert f"reading ds v1" in text
+        assert "reading ds v1" in text
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)

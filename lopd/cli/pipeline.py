@@ -16,7 +16,19 @@ import typer
 
 from lopd.pipeline.config import PipelineConfig
 
+from .params import cli_errors
+
 app = typer.Typer(help="The paper's pipeline, one stage at a time (see `lopd demo` for all of them).")
+
+
+@app.callback()
+def _needs_the_demo_extra() -> None:
+    """Every stage trains or samples tiny models: refuse up front, naming the extra, when they cannot run."""
+    with cli_errors(extra="demo"):
+        import matplotlib  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
 
 Digits = Annotated[int, typer.Option(help="Operand digits of the addition problems.")]
 Seed = Annotated[int, typer.Option(help="Random seed.")]

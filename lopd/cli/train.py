@@ -23,7 +23,7 @@ def _train(cfg: TrainConfig) -> None:
     )
 
 
-train_command = settings_command(TrainConfig, _train)
+train_command = settings_command(TrainConfig, _train, extra="train")
 
 
 def plot_command(

@@ -166,7 +166,6 @@ def test_import_provenance_unknown_unless_fingerprints_given(tmp_path: Path, tok
     assert same.provenance.teacher.fingerprint == TEACHER_FP
 
 
-
 def test_unknown_provenance_is_explained_with_the_import_fix(tmp_path: Path, tokenizer, source) -> None:  # type: ignore[no-untyped-def]
     """Bug 6: an import without fingerprints is not "built with --allow-teacher-mismatch", and the fix is an import."""
     from lopd.client.consistency import check_dataset_for_training
@@ -204,6 +203,7 @@ def test_unknown_provenance_is_explained_with_the_import_fix(tmp_path: Path, tok
     with pytest.raises(TeacherMismatch, match="lopd precompute"):
         check_dataset_for_training(different.model_dump(mode="json"))
     assert stats.consistency(dst, "c").provenance_known is True
+
 
 def _reference_table(rows: list[dict]) -> pa.Table:
     meta = pa.struct(

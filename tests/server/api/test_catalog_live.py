@@ -135,7 +135,7 @@ def test_missing_store_is_not_ready_but_alive(tmp_path: Path) -> None:
 
 
 def test_gc_never_removes_a_version_the_server_reads(tmp_path: Path) -> None:
-    """"Reading" = served to a client: a version only verified in the background is not protected."""
+    """Reading means served to a client: a version only verified in the background is not protected."""
     from lopd.storage.gc import collect_garbage
     from lopd.storage.readers import read_leases
 
