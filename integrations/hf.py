@@ -167,6 +167,12 @@ class LightningOPDTrainer(Trainer):
 
         if not isinstance(args, LightningOPDConfig):
             raise TypeError("LightningOPDTrainer needs args=LightningOPDConfig(...)")
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != args.world_size:  # every process would train alone on all of the data
+            raise InvalidInput(
+                f"launched on {launched} processes, but the Trainer sees {args.world_size}: on CPUs, pass "
+                "use_cpu=True (or launch with `accelerate launch --cpu`, or set ACCELERATE_USE_CPU=1)"
+            )
         if isinstance(model, (str, Path)):
             model = AutoModelForCausalLM.from_pretrained(str(model), **(args.model_init_kwargs or {}))
         if processing_class is None:

@@ -184,7 +184,7 @@ def generate_rollout(args: Any, rollout_id: int, data_source: Any, evaluation: b
                 reward=0.0,
                 loss_mask=[1] * len(r),
                 rollout_log_probs=[float(x) for x in o] if with_rollout and o is not None else None,
-                teacher_log_probs=torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)),
+                teacher_log_probs=torch.tensor(t, dtype=torch.float32),  # a copy: the batch's buffers are read-only
                 status=Sample.Status.COMPLETED,
                 metadata={
                     "source_name": f"lopd:{info.name}",

@@ -68,6 +68,8 @@ class ErrorType(str, Enum):
     UNAUTHORIZED = "unauthorized"
     TOO_LARGE = "too_large"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    TIMEOUT = "timeout"
+    TOO_MANY_REQUESTS = "too_many_requests"
     INTERNAL = "internal"
 
 
@@ -155,10 +157,12 @@ class Sample(_Model):
 
 
 class BatchRequest(_Model):
-    indices: list[Annotated[int, Field(ge=0)]] = Field(
+    """Strict on purpose: an index or a version is a JSON integer; `"1"`, `true` and `1.0` are refused (422)."""
+
+    indices: list[Annotated[int, Field(ge=0, strict=True)]] = Field(
         description="Dataset indices (0..num_samples-1), in the order wanted; repeats allowed."
     )
-    version: int | None = Field(default=None, ge=1, description="Dataset version; the latest by default.")
+    version: int | None = Field(default=None, ge=1, strict=True, description="Dataset version; the latest by default.")
 
 
 class BatchResponse(_Model):

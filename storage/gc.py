@@ -13,8 +13,10 @@ How, crash-safely: under the dataset lock (publishers and other gc runs of the d
 version is renamed to a tombstone (`.gc-v3-<random>`) in one step: from then on it is not a
 version, so a reader listing the store no longer sees it, while files already open stay readable
 (POSIX). The leases are then read again, and a version a reader registered for meanwhile is
-renamed back; otherwise the tombstone is deleted. A crash mid-delete leaves a tombstone, which no
-reader lists and the next gc removes. Runs go the same way, renamed while gc holds their lock.
+renamed back; otherwise the tombstone's manifest is deleted, then the rest. A crash leaves a
+tombstone, which no reader lists: the next gc deletes it, or, if it still has its manifest (so is
+whole) and a reader now wants that version, renames it back. Runs go the same way, renamed while gc
+holds their lock.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def collect_garbage(
         with contextlib.nullcontext() if dry_run else dataset_lock(root, dataset):
             _versions(root, dataset, keep, dry_run, clock, report)
             _runs(root, dataset, staging_older_than_s, dry_run, clock(), report)
-            _leftovers(root, dataset, dry_run, report)
+            _leftovers(root, dataset, dry_run, clock(), report)
         _leases(root, dry_run, clock(), report)
     except OSError as e:  # a read-only store, permissions: stop; a half-removed version is left as a tombstone
         done = ", ".join(i.name for i in report.removed) or "nothing"
@@ -133,6 +135,7 @@ def _versions(root: Path, dataset: str, keep: int, dry_run: bool, clock: Callabl
                 fsync_dir(vdir.parent)
                 report.kept.append(item.model_copy(update={"bytes": 0, "reason": f"being read ({', '.join(late)})"}))
                 continue
+            (tomb / layout.MANIFEST).unlink()  # first: a tombstone with its manifest is still whole
             shutil.rmtree(tomb)
             report.removed.append(item)
 
@@ -173,15 +176,32 @@ def _runs(root: Path, dataset: str, older_than_s: float, dry_run: bool, now: flo
         remove_if_empty(staging)
 
 
-def _leftovers(root: Path, dataset: str, dry_run: bool, report: GcReport) -> None:
+def _leftovers(root: Path, dataset: str, dry_run: bool, now: float, report: GcReport) -> None:
     ddir = layout.dataset_dir(root, dataset)
     staging = layout.staging_root(root, dataset)
+    reading = versions_being_read(root, now)
     found: list[tuple[Path, Literal["tombstone", "temporary"], str]] = []
     for directory in (ddir, staging):
         if not directory.is_dir():
             continue
         for p in sorted(directory.iterdir()):
-            if layout.is_tombstone(p.name):
+            origin = layout.tombstone_origin(p.name) if directory == ddir else None
+            version = layout.parse_version_dir(origin) if origin else None
+            vdir = layout.version_dir(root, dataset, version) if version is not None else p
+            if (
+                version is not None
+                and (dataset, version) in reading
+                and (p / layout.MANIFEST).is_file()
+                and not vdir.exists()
+            ):
+                # A gc killed between moving a version aside and its second look at the leases: the
+                # version is whole (its manifest goes first when it is deleted) and a reader wants it.
+                if not dry_run:
+                    os.rename(p, vdir)
+                    fsync_dir(ddir)
+                reason = f"restored from a tombstone: being read ({', '.join(reading[(dataset, version)])})"
+                report.kept.append(GcItem(kind="version", name=f"v{version}", path=_rel(root, vdir), reason=reason))
+            elif layout.is_tombstone(p.name):
                 found.append((p, "tombstone", "left by an interrupted gc"))
             elif directory == ddir and p.name.startswith(TMP_PREFIX):
                 found.append((p, "temporary", "left by a publisher that did not finish"))

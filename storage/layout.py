@@ -125,3 +125,9 @@ def tombstone_for(path: Path) -> Path:
 
 def is_tombstone(name: str) -> bool:
     return name.startswith(TOMBSTONE_PREFIX)
+
+
+def tombstone_origin(name: str) -> str | None:
+    """The name a tombstone had before gc moved it (`.gc-v3-1a2b3c4d` -> `v3`), or None."""
+    m = re.fullmatch(rf"{re.escape(TOMBSTONE_PREFIX)}(.+)-[0-9a-f]{{8}}", name)
+    return m.group(1) if m else None

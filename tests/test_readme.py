@@ -41,7 +41,7 @@ def test_readme_client_snippet_trains_one_epoch(tmp_path, tiny_llama_dir, tiny_l
             dataset="math-v1", progress=False,
         )
     )  # fmt: skip
-    (snippet,) = _python_blocks()
+    (snippet,) = [b for b in _python_blocks() if "OPDLoader(" in b]  # the client's (the TRL script: tests/integrations)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_b_dir))  # a student that is not the teacher
     before = [p.detach().clone() for p in model.parameters()]
     with serve_in_background(ServerSettings(store=store)) as server:

@@ -84,12 +84,14 @@ def _serve(settings: ServerSettings) -> None:
         import uvicorn
 
         from lopd.server.api.app import create_app
+        from lopd.server.api.connections import uvicorn_options
     except ImportError as e:
         fail(f"`lopd serve` needs the server extra: pip install 'lightning-opd[server]' ({e})")
     _check_store(settings.store)
     _check_port(settings.host, settings.port)
     app = create_app(settings)  # warns when serving beyond loopback without tokens
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # uvicorn.run with the connection guard: per-client connection limit, header deadline, 414/431 (connections.py)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, **uvicorn_options(settings))
 
 
 def serve_command() -> Callable[..., None]:

@@ -5,6 +5,12 @@ routers. Public without a token: /livez, /readyz and the static page at `/` (it 
 and must load in a browser before it can send a token); everything else needs one when a
 tokens file is configured, /openapi.json included. FastAPI's /docs and /redoc are off: they load
 assets from a CDN, and this server works offline.
+
+A request meets, in order: the connection guard (`connections.py`: connections per client, the
+head's deadline and size), metrics, the edge checks (`edge.py`: Host, URL length, HEAD), auth
+(`auth.py`), the body limit (`body_limit.py`: framing, size, read timeout), then the routes. So
+nothing reads a body before the request is authenticated, and nothing parses one before it is
+known to be within the limit.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from fastapi.responses import JSONResponse
 from lopd.http_contract import LIVEZ_PATH, READYZ_PATH
 
 from . import page, routes_datasets, routes_health, routes_metrics
-from .auth import TokenTable, require_token
+from .auth import AuthMiddleware, TokenTable, require_token
 from .body_limit import BodyLimitMiddleware
 from .catalog import Catalog
+from .edge import EdgeMiddleware
 from .errors import error_responses, install_error_handlers
 from .metrics import Metrics, MetricsMiddleware
 from .settings import ServerSettings
@@ -42,7 +49,11 @@ def _version() -> str:
 
 def create_app(settings: ServerSettings) -> FastAPI:
     """Build the app; the catalogue starts verifying checksums when the app starts (lifespan)."""
-    tokens = TokenTable.from_file(settings.tokens_file) if settings.tokens_file is not None else None
+    tokens = (
+        TokenTable.from_file(settings.tokens_file, allow_insecure=settings.insecure_tokens_file)
+        if settings.tokens_file is not None
+        else None
+    )
     catalog = Catalog(settings.store, settings.catalog_ttl_s)
 
     @asynccontextmanager
@@ -67,8 +78,19 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.tokens = tokens
     app.state.metrics = metrics = Metrics()
     install_error_handlers(app)
+    # Added innermost first: the last one added sees a request first.
+    app.add_middleware(
+        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
+    )
+    if tokens is not None:
+        app.add_middleware(AuthMiddleware, tokens=tokens, public_paths=PUBLIC_PATHS)
+    app.add_middleware(
+        EdgeMiddleware,
+        allowed_hosts=settings.host_allow_list,
+        max_url_bytes=settings.max_url_bytes,
+        max_header_bytes=settings.max_header_bytes,
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
 
     auth = [Depends(require_token)] if tokens is not None else []
     app.include_router(routes_health.router)

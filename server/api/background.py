@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from .app import create_app
+from .connections import uvicorn_options
 from .settings import ServerSettings
 
 
@@ -29,7 +30,7 @@ class BackgroundServer:
 
 @contextmanager
 def serve_in_background(settings: ServerSettings, *, start_timeout_s: float = 20.0) -> Iterator[BackgroundServer]:
-    """`lopd serve`'s app on 127.0.0.1:<free port> until the block ends."""
+    """`lopd serve`'s app, with its connection guard, on 127.0.0.1:<free port> until the block ends."""
     app = create_app(settings)
     # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets that say so (else Nagle adds ~40 ms)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -38,7 +39,10 @@ def serve_in_background(settings: ServerSettings, *, start_timeout_s: float = 20
     port = sock.getsockname()[1]
     # A bounded graceful shutdown: the thread must be gone before the block ends, never left as a
     # daemon inside native code when the process exits.
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5, **uvicorn_options(settings)
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s

@@ -9,6 +9,7 @@ answer a fixed text (the traceback goes to the log, never to the client).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -16,9 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from lopd.errors import Corrupt, InvalidInput, LopdError, NotFound, Unauthorized
-from lopd.http_contract import ErrorResponse, ErrorType, error_body
+from lopd.http_contract import JSON_MEDIA_TYPE, ErrorResponse, ErrorType, error_body
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,29 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def error_json(status: int, type_: ErrorType, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    type_: ErrorType,
+    message: str,
+    *,
+    close: bool = False,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Answer from ASGI middleware (before any route runs), in the same error shape.
+
+    `close`: end the connection after the answer (`Connection: close`), so that a request body the
+    middleware refused is never read to its end.
+    """
+    body = json.dumps(error_body(type_, message)).encode()
+    raw = [(b"content-type", JSON_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    if close:
+        raw.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _sanitise(request: Request, message: str) -> str:

@@ -2,7 +2,10 @@
 
 Each route asks the catalogue for a verified version and encodes the answer; nothing here reads
 files. Responses about a version carry `ETag: "<content_hash>"` where the answer depends only on
-the version's immutable content, and answer 304 to a matching `If-None-Match`.
+the version's immutable content, and answer 304 to a matching `If-None-Match`. Indices and
+versions in the URL are plain decimal digits (`+1`, `1.0`, `1_0` and `true` are refused, not read
+as numbers), as strict as the JSON body (`BatchRequest`). Local paths in provenance are served
+redacted unless `redact_paths` is off (`redaction.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Header, Path, Query, Request, Response
+from pydantic import BeforeValidator
 
 from lopd.errors import InvalidInput
 from lopd.http_contract import (
@@ -36,6 +40,7 @@ from .auth import lab_of
 from .catalog import Catalog, ServedVersion
 from .deps import CatalogDep, MetricsDep, SettingsDep
 from .errors import TooLarge, error_responses
+from .redaction import public_manifest
 
 router = APIRouter(prefix=DATASETS_PATH, tags=["datasets"])
 
@@ -46,7 +51,18 @@ Name = Annotated[
     str,
     Path(description=f"Dataset name, as listed by GET {DATASETS_PATH}.", json_schema_extra={"pattern": NAME_PATTERN}),
 ]
-Version = Annotated[int | None, Query(ge=1, description="Dataset version; the latest published by default.")]
+
+
+def _digits(value: object) -> object:
+    """A URL integer is decimal digits only (pydantic alone would read `+1`, ` 1`, `1.0` as 1 and `1_0` as 10)."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a whole number written in decimal digits only")
+    return value
+
+
+Digits = BeforeValidator(_digits)
+Version = Annotated[int | None, Query(ge=1, description="Dataset version; the latest published by default."), Digits]
+Index = Annotated[int, Path(ge=0, description="Dataset index, 0..num_samples-1."), Digits]
 IfNoneMatch = Annotated[str | None, Header(description="An ETag from an earlier answer: 304 if unchanged.")]
 _VERSION_ERRORS = error_responses(401, 404, 422, 503)
 _NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified (the ETag matched)."}}
@@ -85,11 +101,11 @@ def _check_indices(indices: Sequence[int], n: int, name: str, version: int) -> n
 
 
 @router.get("", response_model=DatasetsResponse, responses=error_responses(401))
-def list_datasets(catalog: CatalogDep) -> DatasetsResponse:
+def list_datasets(catalog: CatalogDep, settings: SettingsDep) -> DatasetsResponse:
     """Every dataset with a published version, described by its latest version."""
     out = []
     for m, versions in catalog.listing():
-        p = m.provenance
+        p = (public_manifest(m) if settings.redact_paths else m).provenance
         out.append(
             DatasetSummary(
                 name=m.name,
@@ -113,11 +129,18 @@ def list_datasets(catalog: CatalogDep) -> DatasetsResponse:
 
 @router.get("/{name}", response_model=Manifest, responses={**_NOT_MODIFIED, **_VERSION_ERRORS})
 def get_manifest(
-    name: Name, catalog: CatalogDep, response: Response, version: Version = None, if_none_match: IfNoneMatch = None
+    name: Name,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    response: Response,
+    version: Version = None,
+    if_none_match: IfNoneMatch = None,
 ) -> Any:
-    """The version's manifest: files, checksums, coverage counts and provenance."""
+    """The version's manifest: files, checksums, coverage counts and provenance (local paths redacted by default)."""
     served, cached = _open_conditional(catalog, name, version, if_none_match, response)
-    return cached if cached is not None else served.manifest
+    if cached is not None:
+        return cached
+    return public_manifest(served.manifest) if settings.redact_paths else served.manifest
 
 
 @router.get(
@@ -127,7 +150,7 @@ def get_manifest(
 )
 def get_sample(
     name: Name,
-    index: Annotated[int, Path(ge=0, description="Dataset index, 0..num_samples-1.")],
+    index: Index,
     request: Request,
     catalog: CatalogDep,
     metrics: MetricsDep,

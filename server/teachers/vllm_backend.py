@@ -82,9 +82,7 @@ What `prompt_logprobs=K` returns (measured on that engine; the top-k teacher sig
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -108,7 +106,7 @@ from lopd.server.teachers.base import (
     config_context_length,
     snapshot_revision,
 )
-from lopd.server.teachers.vllm_engine import child_pids, device_memory, engine_watchdog
+from lopd.server.teachers.vllm_engine import device_memory, shutdown_engine, start_engine
 from lopd.server.teachers.vllm_protocol import (
     CONTEXT_RESERVE,
     DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -265,13 +263,11 @@ class VLLMTeacher:
             enforce_eager=eager,
             engine_fields=engine_fields,
         )
-        before = child_pids()
         self._watchdog: subprocess.Popen[bytes] | None = None
         try:
-            self.llm: Any = vllm.LLM(**kwargs)
-        except ValueError as e:  # how vLLM reports unusable settings and unsupported models
+            self.llm, self._watchdog = start_engine(vllm.LLM, kwargs)
+        except (ValueError, RuntimeError) as e:  # unusable settings, unsupported models, a worker that failed to start
             raise InvalidInput(f"vLLM cannot load {path} with these settings: {e}") from e
-        self._watchdog = engine_watchdog(child_pids() - before)
 
         self.info = TeacherInfo(
             name_or_path=str(model_dir),
@@ -349,35 +345,11 @@ class VLLMTeacher:
         return p.tolist(), r.tolist(), int(p.size + r.size)
 
     def close(self) -> None:
-        """Shut the engine down and give its GPU memory back (weights, KV cache, distributed state).
+        """Shut the engine down and give its memory back (weights, KV cache, distributed state).
 
         Never raises: it also runs while another error (a failed load-time check) is on its way up.
         """
         llm, self.llm = self.llm, None
-        if llm is None:
-            return
         watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None:
-            with contextlib.suppress(Exception):
-                watchdog.kill()
-                watchdog.wait(timeout=5)
-        try:
-            core: Any = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-            if callable(getattr(core, "shutdown", None)):  # V1 runs the engine core in a child process
-                core.shutdown()
-            del llm, core
-            import vllm.distributed as dist
-
-            if hasattr(dist, "cleanup_dist_env_and_memory"):  # what vLLM's maintainers point to (issue #18806)
-                dist.cleanup_dist_env_and_memory()
-            else:  # older releases: what vLLM's own tests did before that helper (issue #6544)
-                dist.destroy_model_parallel()
-                dist.destroy_distributed_environment()
-        except Exception as e:  # a half-dead engine must not hide the error that is being raised
-            log.warning("vLLM engine cleanup failed (%s: %s); its GPU memory may not be released", type(e).__name__, e)
-        gc.collect()
-        with contextlib.suppress(Exception):
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        if llm is not None:
+            shutdown_engine(llm, watchdog)

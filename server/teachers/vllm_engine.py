@@ -11,6 +11,7 @@ from starting. `engine_watchdog` closes that gap.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import subprocess
@@ -107,3 +108,41 @@ def device_memory() -> tuple[str, int, int]:
         )
     total = int(torch.cuda.get_device_properties(0).total_memory)
     return "cuda", total, total
+
+
+def start_engine(llm_class: Any, kwargs: dict[str, Any]) -> tuple[Any, subprocess.Popen[bytes] | None]:
+    """`llm_class(**kwargs)` (`vllm.LLM`) and the watchdog over the processes it started."""
+    before = child_pids()
+    llm = llm_class(**kwargs)
+    return llm, engine_watchdog(child_pids() - before)
+
+
+def shutdown_engine(llm: Any, watchdog: subprocess.Popen[bytes] | None = None) -> None:
+    """Shut a `vllm.LLM` down and give its memory back (weights, KV cache, distributed state); never raises.
+
+    It also runs while another error (a failed load-time check) is on its way up.
+    """
+    if watchdog is not None:
+        with contextlib.suppress(Exception):
+            watchdog.kill()
+            watchdog.wait(timeout=5)
+    try:
+        core: Any = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if callable(getattr(core, "shutdown", None)):  # V1 runs the engine core in a child process
+            core.shutdown()
+        del llm, core
+        import vllm.distributed as dist
+
+        if hasattr(dist, "cleanup_dist_env_and_memory"):  # what vLLM's maintainers point to (issue #18806)
+            dist.cleanup_dist_env_and_memory()
+        else:  # older releases: what vLLM's own tests did before that helper (issue #6544)
+            dist.destroy_model_parallel()
+            dist.destroy_distributed_environment()
+    except Exception as e:  # a half-dead engine must not hide the error that is being raised
+        log.warning("vLLM engine cleanup failed (%s: %s); its memory may not be released", type(e).__name__, e)
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -116,13 +116,48 @@ def test_removal_is_crash_safe_and_open_files_stay_readable(tmp_path: Path, monk
     monkeypatch.setattr(gc_module.shutil, "rmtree", real_rmtree)
 
     (tomb,) = [p for p in (tmp_path / "ds").iterdir() if layout.is_tombstone(p.name)]
-    assert tomb.name.startswith(".gc-v1-") and (tomb / "manifest.json").is_file()
+    assert tomb.name.startswith(".gc-v1-") and not (tomb / "manifest.json").exists()  # the manifest goes first
     assert Store(tmp_path).versions("ds") == [2, 3]  # a half-deleted tombstone is not a version
     assert shard.read().num_rows == 5  # the open file is still readable (POSIX)
 
     report = collect_garbage(tmp_path, "ds", keep=2)
     assert [(i.kind, i.name) for i in report.removed] == [("tombstone", tomb.name)]
     assert not tomb.exists() and Store(tmp_path).versions("ds") == [2, 3]
+
+
+def test_a_gc_killed_before_its_second_look_restores_a_version_a_reader_wants(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    three_versions(tmp_path)
+    looks = iter([{}])
+
+    def killed_on_second_look(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return next(looks)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    monkeypatch.setattr(gc_module, "versions_being_read", killed_on_second_look)
+    with pytest.raises(KeyboardInterrupt):
+        collect_garbage(tmp_path, "ds", keep=1)
+    monkeypatch.undo()
+    (tomb,) = [p for p in (tmp_path / "ds").iterdir() if layout.is_tombstone(p.name)]
+    assert (tomb / "manifest.json").is_file() and Store(tmp_path).versions("ds") == [2, 3]
+
+    lease = ReaderLease(tmp_path, lambda: {("ds", 1): time.time()})  # a server registered for v1 meanwhile
+    lease.start()
+    try:
+        dry = collect_garbage(tmp_path, "ds", keep=1, dry_run=True)
+        assert [i.reason for i in dry.kept if i.name == "v1"] == [
+            f"restored from a tombstone: being read ({lease.path.stem})"
+        ]
+        assert tomb.exists()
+        report = collect_garbage(tmp_path, "ds", keep=1)
+        assert [i.name for i in report.kept if i.reason.startswith("restored")] == ["v1"]
+        assert names(report.removed) == ["v2"] and not tomb.exists()
+        Store(tmp_path).open("ds", 1, verify=True)
+    finally:
+        lease.close()
 
 
 def test_publisher_temporaries_are_removed(tmp_path: Path) -> None:

@@ -80,6 +80,7 @@ def auth_server(store: StoreData, tmp_path_factory: pytest.TempPathFactory) -> I
     """The same store behind bearer tokens (two labs)."""
     tokens_file = tmp_path_factory.mktemp("tokens") / "tokens.json"
     tokens_file.write_text(json.dumps(TOKENS))
+    tokens_file.chmod(0o600)  # a tokens file others can read is refused
     with running_server(ServerSettings(store=store[0], tokens_file=tokens_file)) as running:
         with running.client(GOOD_TOKEN) as c:
             assert wait_ready(c).status_code == 200

@@ -43,6 +43,7 @@ def test_serve_command_runs_with_tokens_and_env(tmp_path: Path) -> None:
     build_dataset(tmp_path / "store", "ds", n=10, per_part=5, seed=1)
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({"secret-token-1": "lab-x"}))
+    tokens.chmod(0o600)
     port = free_port()
     env = {**os.environ, "LOPD_MAX_BATCH_INDICES": "3", "LOPD_LOG_LEVEL": "warning"}
     cmd = [sys.executable, "-c", RUNNER, str(tmp_path / "store"), "--port", str(port), "--tokens-file", str(tokens)]
@@ -74,6 +75,7 @@ def test_serve_command_runs_with_tokens_and_env(tmp_path: Path) -> None:
 def test_bad_tokens_file_fails_fast(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens.json"
     tokens.write_text("{}")
+    tokens.chmod(0o600)
     (tmp_path / "store").mkdir()
     cmd = [sys.executable, "-c", RUNNER, str(tmp_path / "store"), "--tokens-file", str(tokens)]
     cmd += ["--port", str(free_port())]
