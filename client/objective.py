@@ -20,11 +20,16 @@ from .loss import lightning_opd_loss
 class LossSettings(Protocol):
     """What the loss reads of a trainer's settings (`TrainConfig` has these fields)."""
 
-    ratio_reference: str
-    clip_eps_low: float
-    clip_eps_high: float
-    tis_cap: float | None
-    normalize: str
+    @property
+    def ratio_reference(self) -> str: ...
+    @property
+    def clip_eps_low(self) -> float: ...
+    @property
+    def clip_eps_high(self) -> float: ...
+    @property
+    def tis_cap(self) -> float | None: ...
+    @property
+    def normalize(self) -> str: ...
 
 
 def opd_batch_loss(

@@ -294,8 +294,9 @@ class LightningOPDTrainer(Trainer):
                      self.info.verdict)  # fmt: skip
             if args.record_samples:
                 step = int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else 0
-                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-                self._steps_log = JSONLog(Path(args.output_dir) / STEPS, resume_step=step)
+                out = Path(str(args.output_dir))
+                out.mkdir(parents=True, exist_ok=True)
+                self._steps_log = JSONLog(out / STEPS, resume_step=step)
         self._batches = _StoreBatches(loader)
         try:
             return super().train(resume_from_checkpoint=checkpoint, **kwargs)

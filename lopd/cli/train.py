@@ -1,4 +1,5 @@
-"""`lopd train`: the reference trainer; its flags are `TrainConfig`'s fields (torch loads when it runs).
+"""`lopd train`: the reference trainer; its flags are `TrainConfig`'s fields (torch loads when it runs);
+on N processes: `torchrun --nproc-per-node N -m lopd train ...`.
 `lopd plot`: a run's metrics as a PNG (matplotlib loads when it runs)."""
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ def _train(cfg: TrainConfig) -> None:
     from lopd.client.trainer import train_student
 
     result = train_student(cfg, echo=typer.echo)
-    typer.echo(
-        f"done: step {result.step}; checkpoint {result.out / 'checkpoint.pt'}, metrics {result.out / 'metrics.csv'}"
-    )
+    if result.rank == 0:  # under torchrun, rank 0 wrote the run directory
+        typer.echo(
+            f"done: step {result.step}; checkpoint {result.out / 'checkpoint.pt'}, metrics {result.out / 'metrics.csv'}"
+        )
 
 
 train_command = settings_command(TrainConfig, _train, extra="train")

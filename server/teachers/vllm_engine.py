@@ -86,7 +86,9 @@ def device_memory() -> tuple[str, int, int]:
     """
     platform: Any = None
     with contextlib.suppress(Exception):
-        from vllm.platforms import current_platform as platform
+        from vllm.platforms import current_platform
+
+        platform = current_platform
     device = str(getattr(platform, "device_type", "") or "cuda")
     if device == "cpu":
         with contextlib.suppress(Exception):

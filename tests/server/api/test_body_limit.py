@@ -65,7 +65,8 @@ def test_content_length_over_the_limit_is_413_from_the_header(small_body_server:
 
 def test_a_chunked_body_is_counted_as_it_streams(small_body_server: Running) -> None:
     with small_body_server.client() as client:
-        small = client.post(BATCH, content=iter([b'{"indices": ', b"[0, 1]}"]), headers={"Accept": "application/json"})
+        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        small = client.post(BATCH, content=iter([b'{"indices": ', b"[0, 1]}"]), headers=headers)
         assert small.status_code == 200, small.text
         assert [s["index"] for s in small.json()["samples"]] == [0, 1]
     # 40 MB offered in 64 kB chunks: refused once 2 kB have arrived, the rest never read.
@@ -85,10 +86,12 @@ def test_content_length_with_transfer_encoding_is_400(small_body_server: Running
         b"POST " + BATCH.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: 20\r\nTransfer-Encoding: " + te + b"\r\n\r\n"
     )
-    status, answer = raw_exchange(small_body_server.port, head, [b"5\r\n{\"ind\r\n"] * 10)
+    status, answer = raw_exchange(small_body_server.port, head, [b'5\r\n{"ind\r\n'] * 10)
     assert status == 400 and b"connection: close" in answer.lower()
     err = error_of(answer)
-    assert err["type"] == "invalid_input" and "Content-Length and Transfer-Encoding" in err["message"]
+    assert err["type"] == "invalid_input"
+    if te == b"chunked":  # (h11 itself refuses any other coding: a malformed request)
+        assert "Content-Length and Transfer-Encoding" in err["message"]
 
 
 def test_a_body_that_stalls_is_408(small_body_server: Running) -> None:

@@ -140,3 +140,40 @@ def test_serving_beyond_loopback_without_tokens_warns_once(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("serving on 0.0.0.0") == 1, done.stderr  # once: the app warns, the command does not
     assert "without a tokens file (--tokens-file" in done.stderr
+
+
+# The command up to uvicorn.run, printing the connection guard's settings it would run with.
+GUARD = (
+    "import sys, uvicorn; uvicorn.run = lambda app, **kw: print('guard', kw['timeout_keep_alive'], "
+    "kw['h11_max_incomplete_event_size'], kw['http'].header_timeout_s, kw['http'].clients.limit, "
+    "sorted(app.state.settings.host_allow_list or ['*']));"
+    "from lopd.cli import app; app(['serve', *sys.argv[1:]])"
+)
+
+
+def test_connection_limits_are_flags_and_variables_and_reach_uvicorn(tmp_path: Path) -> None:
+    build_dataset(tmp_path / "store", "ds", n=4, per_part=4, seed=1)
+    env = {**os.environ, "LOPD_KEEP_ALIVE_S": "7", "LOPD_ALLOWED_HOSTS": "store,store.lab.example"}
+    cmd = [sys.executable, "-c", GUARD, str(tmp_path / "store"), "--port", str(free_port())]
+    cmd += ["--header-timeout-s", "3", "--max-connections-per-client", "9", "--max-header-bytes", "20000"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "guard 7.0 20000 3.0 9 ['store', 'store.lab.example']"
+    help_env = {**os.environ, "COLUMNS": "250", "TERM": "dumb"}
+    help_text = subprocess.run(cmd[:3] + ["--help"], capture_output=True, text=True, timeout=120, env=help_env).stdout
+    for option in ("--allowed-hosts", "--header-timeout-s", "--body-timeout-s", "--max-url-bytes", "--redact-paths"):
+        assert option in help_text, option
+
+
+def test_a_tokens_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    build_dataset(tmp_path / "store", "ds", n=4, per_part=4, seed=1)
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"secret-token-1": "lab-x"}))
+    tokens.chmod(0o644)
+    done = serve(tmp_path / "store", "--port", free_port(), "--tokens-file", tokens)
+    assert done.returncode == 2 and "serving" not in done.stdout, done.stdout + done.stderr
+    assert f"can be read by other users (-rw-r--r--): make it private with `chmod 600 {tokens}`" in done.stderr
+    assert "--insecure-tokens-file" in done.stderr and "Traceback" not in done.stderr
+    done = serve(tmp_path / "store", "--port", free_port(), "--tokens-file", tokens, "--insecure-tokens-file")
+    assert done.returncode == 0 and "serving" in done.stdout, done.stderr
+    assert "can be read by other users" in done.stderr and "secret-token-1" not in done.stderr

@@ -1,4 +1,5 @@
-"""Every route answers as its OpenAPI schema says, and fuzzing the whole schema finds no 5xx."""
+"""Every route answers as its OpenAPI schema says, and fuzzing the whole schema finds no 5xx, with auth
+off and with auth on (a tokens file: the schema itself, and every generated request, carry a token)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from tests.server.api.conftest import Running
+from tests.server.api.conftest import GOOD_TOKEN, Running
+
+AUTH = {"Authorization": f"Bearer {GOOD_TOKEN}"}
 
 
 @pytest.fixture(scope="session")
 def api_schema(server: Running) -> Any:
     return schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
+
+
+@pytest.fixture(scope="session")
+def auth_api_schema(auth_server: Running) -> Any:
+    return schemathesis.openapi.from_url(f"{auth_server.base_url}/openapi.json", headers=AUTH)
 
 
 # (path template, method, path parameters, query, body, expected status)
@@ -87,18 +95,50 @@ FUZZ = [
 ]
 
 
-@pytest.mark.parametrize(("path", "method", "mode"), FUZZ)
-def test_fuzz_whole_schema_no_server_errors(api_schema: Any, path: str, method: str, mode: str) -> None:
-    """Generated valid and invalid requests: no 5xx, and every answer matches the schema."""
+def fuzz(schema: Any, path: str, method: str, mode: str, max_examples: int, headers: dict[str, str] | None) -> None:
     generation_mode, real_name = MODES[mode]
     fixed = {"path_parameters": {"name": "alpha"}} if real_name else {}
-    strategy = api_schema[path][method].as_strategy(generation_mode=generation_mode, **fixed)
+    strategy = schema[path][method].as_strategy(generation_mode=generation_mode, **fixed)
 
     @given(case=strategy)
-    @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=max_examples, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     def run(case: Any) -> None:
         # Not `positive_data_acceptance`: whether an index is in range, or a batch within the server's
         # limits, depends on the dataset and the settings, which a schema cannot say (422 and 413 then).
-        case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        case.call_and_validate(headers=headers, excluded_checks=[positive_data_acceptance])
 
     run()
+
+
+@pytest.mark.parametrize(("path", "method", "mode"), FUZZ)
+def test_fuzz_whole_schema_no_server_errors(api_schema: Any, path: str, method: str, mode: str) -> None:
+    """Generated valid and invalid requests: no 5xx, and every answer matches the schema."""
+    fuzz(api_schema, path, method, mode, 25, None)
+
+
+@pytest.mark.parametrize(("path", "method", "mode"), FUZZ)
+def test_fuzz_with_auth_on(auth_api_schema: Any, path: str, method: str, mode: str) -> None:
+    """The same behind a tokens file, each request with a token (schemathesis' own `ignored_auth` check
+    also sends some without one and expects them refused)."""
+    fuzz(auth_api_schema, path, method, mode, 10, AUTH)
+
+
+def test_with_auth_on_the_schema_declares_bearer_and_every_private_operation_is_401_without(
+    auth_api_schema: Any, auth_server: Running
+) -> None:
+    raw = auth_api_schema.raw_schema
+    assert raw["components"]["securitySchemes"]["HTTPBearer"] == {
+        "type": "http",
+        "description": "A token from the server's tokens file.",
+        "scheme": "bearer",
+    }
+    for path, method, path_parameters, query, body, _ in CALLS:
+        operation = auth_api_schema[path][method]
+        public = path in ("/livez", "/readyz", "/")
+        assert bool(operation.definition.raw.get("security")) != public, path
+        kwargs: dict[str, Any] = {"path_parameters": path_parameters, "query": query}
+        if body is not None:
+            kwargs.update(body=body, media_type="application/json")
+        response = operation.Case(**kwargs).call()
+        if not public:
+            assert response.status_code == 401 and response.json()["error"]["type"] == "unauthorized", path
