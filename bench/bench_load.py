@@ -6,6 +6,8 @@ connection, send a mix of requests for a fixed time: a random Arrow batch of `--
 indices (80%), one sample as JSON (10%), the catalogue (10%); every request carries a token.
 Three rows, each `--duration` seconds:
 
+After a short unrecorded warm-up with all clients (thread pools, page cache, allocator pools):
+
 * `1 client`: the baseline, the same mix unloaded;
 * `N clients`: the load (default 64, the load check of issue 13);
 * `N clients + slow`: the same plus `--slow` slowloris connections that trickle a header line every
@@ -173,7 +175,10 @@ def _client_process(
     out.put([r for rs in records for r in rs])
 
 
-def run_clients(url: str, clients: int, processes: int, args: argparse.Namespace) -> list[tuple[str, str, float]]:
+def run_clients(
+    url: str, clients: int, processes: int, args: argparse.Namespace, duration: float | None = None
+) -> list[tuple[str, str, float]]:
+    duration = args.duration if duration is None else duration
     ctx = mp.get_context("spawn")
     processes = max(1, min(processes, clients))
     per = [clients // processes + (1 if k < clients % processes else 0) for k in range(processes)]
@@ -182,7 +187,7 @@ def run_clients(url: str, clients: int, processes: int, args: argparse.Namespace
     procs = [
         ctx.Process(
             target=_client_process,
-            args=(url, n, args.duration, args.samples, args.batch_size, args.seed + k, barrier, out),
+            args=(url, n, duration, args.samples, args.batch_size, args.seed + k, barrier, out),
             daemon=True,
         )
         for k, n in enumerate(per)
@@ -190,7 +195,7 @@ def run_clients(url: str, clients: int, processes: int, args: argparse.Namespace
     for p in procs:
         p.start()
     barrier.wait(timeout=120)
-    records = [r for _ in procs for r in out.get(timeout=args.duration + 300)]
+    records = [r for _ in procs for r in out.get(timeout=duration + 300)]
     for p in procs:
         p.join(timeout=30)
     return records
@@ -345,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"store: {info['samples']:,} samples, {info['tokens_per_sample']:,.0f} tokens/sample ({build_s:.1f}s)")
         with lopd_serve(store, tokens, Path(tmp) / "server.log") as (url, pid):
             port = int(url.rsplit(":", 1)[1])
+            run_clients(url, args.clients, args.processes, args, min(5.0, args.duration / 2))  # warm-up, not kept
             plan = [("1 client", 1, False), (f"{args.clients} clients", args.clients, False)]
             plan.append((f"{args.clients} clients + {args.slow} slow", args.clients, True))
             for name, clients, hostile in plan:

