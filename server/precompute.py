@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,6 +35,7 @@ from lopd.fingerprint import (
     tokenizer_fingerprint,
 )
 from lopd.storage import layout
+from lopd.storage.faults import store_fault
 from lopd.storage.manifest import Consistency, Manifest, ModelRef, Provenance, RolloutSource
 from lopd.storage.publish import find_published_run
 from lopd.storage.schema import FORMAT_VERSION, build_table
@@ -202,10 +205,51 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     # 3. The plan: a function of the inputs and settings only.
     provenance = _provenance(cfg, scan, teacher_fp, sft_fp, tok_fp, rollout_tok_fp, consistent)
     run_key = _run_key(cfg, provenance)
-    published = find_published_run(cfg.store, cfg.dataset, run_key)
+    with _operator_faults(cfg.store):
+        published = find_published_run(cfg.store, cfg.dataset, run_key)
     if published is not None:
         return PrecomputeResult("already_published", cfg.dataset, run_key, manifest=published, notices=notices)
-    run = RunWriter(
+    with _operator_faults(cfg.store), _run_writer(cfg, scan, provenance, run_key) as run:
+        plan = run.plan
+        mine = plan.parts_of_worker(cfg.worker_index, cfg.num_workers)
+        todo = run.todo(mine)
+
+        # 4. Score this worker's missing parts.
+        if todo:
+            _score_parts(cfg, scan, run, [p.index for p in todo], sum(p.num_samples for p in mine), tokenizer)
+
+        # 5. Publish once every part of every worker exists.
+        missing = run.missing_parts()
+        if missing or not cfg.publish:
+            return PrecomputeResult(
+                "waiting_for_workers",
+                cfg.dataset,
+                run_key,
+                parts_scored=len(todo),
+                parts_missing=missing,
+                notices=notices,
+            )
+        manifest = run.publish()
+    return PrecomputeResult(
+        "published", cfg.dataset, run_key, manifest=manifest, parts_scored=len(todo), notices=notices
+    )
+
+
+@contextmanager
+def _operator_faults(store: Path) -> Iterator[None]:
+    """A full disk, a read-only store or a missing permission ends as one `StoreUnwritable` line, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        fault = store_fault(e, store)
+        if fault is None:
+            raise
+        raise fault from e
+
+
+def _run_writer(cfg: PrecomputeConfig, scan: RolloutScan, provenance: Provenance, run_key: str) -> RunWriter:
+    """This worker's writer of the run; `Conflict` when another live job already works as this worker."""
+    return RunWriter(
         cfg.store,
         RunPlan.build(
             run_key=run_key,
@@ -217,24 +261,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
             provenance=provenance,
         ),
         scored_with={"max_batch_tokens": cfg.max_batch_tokens, "max_batch_size": cfg.max_batch_size},
-    )
-    plan = run.plan
-    mine = plan.parts_of_worker(cfg.worker_index, cfg.num_workers)
-    todo = run.todo(mine)
-
-    # 4. Score this worker's missing parts.
-    if todo:
-        _score_parts(cfg, scan, run, [p.index for p in todo], sum(p.num_samples for p in mine), tokenizer)
-
-    # 5. Publish once every part of every worker exists.
-    missing = run.missing_parts()
-    if missing or not cfg.publish:
-        return PrecomputeResult(
-            "waiting_for_workers", cfg.dataset, run_key, parts_scored=len(todo), parts_missing=missing, notices=notices
-        )
-    manifest = run.publish()
-    return PrecomputeResult(
-        "published", cfg.dataset, run_key, manifest=manifest, parts_scored=len(todo), notices=notices
+        worker=cfg.worker_index,
     )
 
 

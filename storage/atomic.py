@@ -40,7 +40,10 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only or vanished directory: the write's own error is the one to report
+            pass
         raise
     fsync_dir(path.parent)
 

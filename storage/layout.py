@@ -34,6 +34,13 @@ SKIPPED = "skipped.parquet"
 PLAN = "plan.json"
 STAGING = ".staging"
 LOCK = ".lock"  # in a dataset directory: publishers and gc; in a run's staging directory: its workers
+
+
+def worker_lock_name(worker: int) -> str:
+    """In a run's staging directory: held exclusively by the one process working as worker `worker`."""
+    return f".worker-{worker:06d}.lock"
+
+
 READERS = ".readers"
 TOMBSTONE_PREFIX = ".gc-"
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +21,9 @@ import pyarrow.parquet as pq
 from lopd.errors import Corrupt, InvalidInput, NotFound
 
 from . import layout
-from .manifest import FileEntry, Manifest, read_manifest
-from .publish import published_versions, sha256_file
+from .integrity import FileStamp, verify_file
+from .manifest import Manifest, read_manifest
+from .publish import published_versions
 from .schema import COLUMNS, META_SCORED_WITH, SAMPLE_SCHEMA, TOKEN_COLUMNS, token_lengths
 from .staging import list_staging_plans
 
@@ -105,27 +107,47 @@ def read_version_manifest(root: Path, name: str, version: int) -> Manifest:
     return manifest
 
 
-def open_version(root: Path, name: str, version: int, *, verify: bool = True) -> Dataset:
+def open_version(
+    root: Path, name: str, version: int, *, verify: bool = True, on_corrupt: Callable[[str], None] | None = None
+) -> Dataset:
     """Open a version found in the catalogue without listing the store again; `verify` checks every file's sha256.
 
     For callers that keep their own copy of `Store.catalogue()` (a server); others use `Store.open`.
+    `on_corrupt(message)` is called when a later read finds damage (see `Dataset`).
     """
-    ds = Dataset(layout.version_dir(root, name, version), read_version_manifest(root, name, version))
+    manifest = read_version_manifest(root, name, version)
+    ds = Dataset(layout.version_dir(root, name, version), manifest, on_corrupt=on_corrupt)
     if verify:
         ds.verify()
     return ds
 
 
 class Dataset:
-    """One published version: manifest, integrity check, and random access by dataset index."""
+    """One published version: manifest, integrity check, and random access by dataset index.
 
-    def __init__(self, path: Path, manifest: Manifest | None = None) -> None:
+    After `verify()`, reads stay checked (`storage/integrity.py`): each read `stat`s its shard and
+    re-hashes it first when the stamp changed since its last good sha256, and pages are decoded with
+    their CRC32 verified (shards written with page checksums). Any mismatch or decode failure raises
+    `Corrupt` naming the shard, marks this object damaged (every later `take` raises too) and calls
+    `on_corrupt(message)` once; no damaged byte is ever returned as data.
+    """
+
+    def __init__(
+        self, path: Path, manifest: Manifest | None = None, *, on_corrupt: Callable[[str], None] | None = None
+    ) -> None:
         self.path = path
         self.manifest = manifest if manifest is not None else read_manifest(path / layout.MANIFEST)
         self._starts = np.array([f.first_index for f in self.manifest.files], dtype=np.int64)
         # One set of open Parquet handles per thread: a shared handle would need a lock around every
         # read, which serialised a server's concurrent requests (bench/bench_serving.py).
         self._local = threading.local()
+        self._on_corrupt = on_corrupt
+        self._stamps: dict[int, FileStamp] = {}  # shard index -> stamp at its last good sha256
+        self._stamp_lock = threading.Lock()
+        # Off only to measure their cost (bench/bench_integrity.py) or to simulate damage stat cannot see (tests).
+        self.check_reads = True  # stat, and re-hash on a change, before each read
+        self.verify_pages = True  # verify page CRC32s while decoding (shards written with them)
+        self.damage: str | None = None
 
     def __len__(self) -> int:
         return self.manifest.num_samples
@@ -163,8 +185,57 @@ class Dataset:
         entries = list(self.manifest.files)
         if self.manifest.coverage.skipped_file is not None:
             entries.append(self.manifest.coverage.skipped_file)
-        for entry in entries:
-            _verify_file(layout.version_file(self.path, entry.path), entry)
+        stamps = {}
+        for i, entry in enumerate(entries):
+            stamp = verify_file(layout.version_file(self.path, entry.path), entry)
+            if i < len(self.manifest.files) and stamp is not None:
+                stamps[i] = stamp
+        with self._stamp_lock:
+            self._stamps = stamps
+
+    def scrub(self, file_index: int, *, bytes_per_s: float | None, stop: threading.Event | None = None) -> int:
+        """Re-hash shard `file_index` at most `bytes_per_s`; bytes read (`Corrupt`, and damaged, on a mismatch)."""
+        entry = self.manifest.files[file_index]
+        try:
+            stamp = verify_file(self.shard_paths()[file_index], entry, bytes_per_s=bytes_per_s, stop=stop)
+        except Corrupt as e:
+            self._damaged(str(e))
+        return 0 if stamp is None else entry.bytes
+
+    def _check_unchanged(self, file_index: int) -> FileStamp | None:
+        """Re-hash shard `file_index` if its stamp changed since its last good hash; its stamp (None: unverified)."""
+        if self.damage is not None:
+            raise Corrupt(self.damage)
+        with self._stamp_lock:
+            known = self._stamps.get(file_index)
+        if known is None or not self.check_reads:
+            return known
+        path = self.shard_paths()[file_index]
+        try:
+            now = FileStamp.of(path)
+        except OSError:
+            now = None
+        if now == known:
+            return known
+        with self._stamp_lock:  # one re-hash at a time; others wait, then see the new stamp
+            if self._stamps.get(file_index) == now and now is not None:
+                return now
+            try:
+                stamp = verify_file(path, self.manifest.files[file_index])
+            except Corrupt as e:
+                self._damaged(str(e), locked=True)
+            assert stamp is not None
+            self._stamps[file_index] = stamp
+            return stamp
+
+    def _damaged(self, message: str, *, locked: bool = False) -> NoReturn:
+        """Mark this version damaged, tell `on_corrupt` (once) and raise `Corrupt(message)`."""
+        first = self.damage is None
+        if first:
+            self.damage = message
+        if first and self._on_corrupt is not None:
+            self._on_corrupt(message)
+        raise Corrupt(message)
 
     def token_counts(self) -> np.ndarray:
         """Tokens (prompt + response) of every sample, int64 in dataset order: what a batch token limit counts.
@@ -175,7 +246,7 @@ class Dataset:
         parts = []
         for path in self.shard_paths():
             try:
-                table = pq.read_table(path, columns=list(TOKEN_COLUMNS))
+                table = pq.read_table(path, columns=list(TOKEN_COLUMNS), page_checksum_verification=True)
             except (OSError, pa.ArrowException) as e:
                 raise Corrupt(f"{path}: unreadable Parquet ({e})") from e
             prompt, response = token_lengths(table)
@@ -187,7 +258,7 @@ class Dataset:
 
     def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
         cols = list(columns) if columns is not None else list(COLUMNS)
-        tables = [pq.read_table(p, columns=cols) for p in self.shard_paths()]
+        tables = [pq.read_table(p, columns=cols, page_checksum_verification=True) for p in self.shard_paths()]
         if not tables:
             return SAMPLE_SCHEMA.empty_table().select(cols)
         return pa.concat_tables(tables).replace_schema_metadata(None)
@@ -199,6 +270,8 @@ class Dataset:
         """
         idx = np.asarray(indices, dtype=np.int64)
         cols = list(columns) if columns is not None else list(COLUMNS)
+        if self.damage is not None:
+            raise Corrupt(self.damage)
         if idx.size == 0:
             return SAMPLE_SCHEMA.empty_table().select(cols)
         n = len(self)
@@ -220,30 +293,34 @@ class Dataset:
 
     def _read_rows(self, file_index: int, local: np.ndarray, cols: list[str]) -> tuple[pa.Table, np.ndarray]:
         """Read the row groups covering `local` rows; return them and each row's position in the result."""
-        pf = self._parquet(file_index)
-        md = pf.metadata
-        rg_starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-        rg_of = np.searchsorted(rg_starts, local, side="right") - 1
-        groups = np.unique(rg_of)
-        table = pf.read_row_groups([int(g) for g in groups], columns=cols)
+        stamp = self._check_unchanged(file_index)
+        try:
+            pf = self._parquet(file_index, stamp)
+            md = pf.metadata
+            rg_starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+            rg_of = np.searchsorted(rg_starts, local, side="right") - 1
+            groups = np.unique(rg_of)
+            table = pf.read_row_groups([int(g) for g in groups], columns=cols)
+            expected = int(sum(md.row_group(int(g)).num_rows for g in groups))
+            if table.num_rows != expected or table.column_names != cols:
+                raise ValueError(
+                    f"decoded {table.num_rows} rows of {table.column_names}, expected {expected} of {cols}"
+                )
+            for name in cols:
+                if not table.schema.field(name).type.equals(SAMPLE_SCHEMA.field(name).type, check_metadata=False):
+                    raise ValueError(f"column {name} decoded as {table.schema.field(name).type}")
+        except (OSError, pa.ArrowException, ValueError, KeyError, IndexError) as e:
+            name = self.manifest.files[file_index].path
+            self._damaged(f"{self.path / name}: unreadable Parquet ({type(e).__name__}: {e})")
         base = {int(g): int(sum(md.row_group(int(h)).num_rows for h in groups[:k])) for k, g in enumerate(groups)}
         where = np.array([base[int(g)] + int(r - rg_starts[g]) for r, g in zip(local, rg_of)], dtype=np.int64)
         return table, where
 
-    def _parquet(self, file_index: int) -> pq.ParquetFile:
-        files: dict[int, pq.ParquetFile] = self._local.__dict__.setdefault("files", {})
-        pf = files.get(file_index)
-        if pf is None:
-            pf = files[file_index] = pq.ParquetFile(self.shard_paths()[file_index])
-        return pf
-
-
-def _verify_file(path: Path, entry: FileEntry) -> None:
-    if not path.is_file():
-        raise Corrupt(f"{path.name} is listed in the manifest of {path.parent} but missing")
-    size = path.stat().st_size
-    if size != entry.bytes:
-        raise Corrupt(f"{path}: {size} bytes, the manifest says {entry.bytes}: the shard is damaged")
-    digest = sha256_file(path)
-    if digest != entry.sha256:
-        raise Corrupt(f"{path}: sha256 {digest[:16]}… does not match the manifest ({entry.sha256[:16]}…)")
+    def _parquet(self, file_index: int, stamp: FileStamp | None) -> pq.ParquetFile:
+        # A handle is kept per thread for the stamp it was opened under: a replaced file is reopened.
+        files: dict[int, tuple[FileStamp | None, pq.ParquetFile]] = self._local.__dict__.setdefault("files", {})
+        held = files.get(file_index)
+        if held is None or held[0] != stamp:
+            pf = pq.ParquetFile(self.shard_paths()[file_index], page_checksum_verification=self.verify_pages)
+            files[file_index] = held = (stamp, pf)
+        return held[1]

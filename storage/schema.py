@@ -57,6 +57,7 @@ PARQUET_WRITE_OPTIONS: dict[str, Any] = {
     "column_encoding": {f"{c}.list.{_ELEMENT}": "BYTE_STREAM_SPLIT" for c in FLOAT_COLUMNS},
     "write_statistics": ["sample_id"],
     "row_group_size": ROW_GROUP_SAMPLES,
+    "write_page_checksum": True,  # a CRC32 per page, verified by readers on every decode (storage/integrity.py)
 }
 
 # Key-value metadata written into every shard's Parquet footer, so a shard found on its own still

@@ -172,6 +172,24 @@ class Staging:
             f.close()
         raise Conflict(f"could not hold staging directory {self.dir}: it keeps being removed (by `lopd gc`?)")
 
+    def claim_worker(self, worker: int) -> IO[str]:
+        """Hold worker `worker`'s exclusive lock of this run until the returned file is closed (call after `hold`).
+
+        Raises `Conflict` when another live process holds it: a second identical job (same run, same
+        worker index) would score the same parts again and race the first one's publish.
+        """
+        f = open(self.dir / layout.worker_lock_name(worker), "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise Conflict(
+                f"another precompute job is already working as worker {worker} of this run "
+                f"({self.dataset}, run {self.run_key[:16]}); wait for it to finish (it publishes the dataset), "
+                "or give this job another --worker-index if the work is meant to be split"
+            ) from None
+        return f
+
     def open(self, plan: RunPlan) -> RunPlan:
         """Create the staging area with `plan`, or check that the one already there is the same plan."""
         ensure_store(self.store)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import pyarrow as pa
 
@@ -27,15 +28,28 @@ class RunWriter:
     the parts already written and intact; a damaged part is deleted so that it is written again.
     `plan` is the staged plan from then on.
 
+    With `worker`, the writer also claims that worker index of the run exclusively (`Staging.claim_worker`):
+    a second process claiming it gets `Conflict` before it scores anything.
+
     `scored_with` is written into every part's footer (`schema.META_SCORED_WITH`): the settings that
     may differ between workers or after a resume without changing the run key (batch budgets), so
     that parts whose numbers differ within float rounding say why.
     """
 
-    def __init__(self, store: Path, plan: RunPlan, *, scored_with: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self,
+        store: Path,
+        plan: RunPlan,
+        *,
+        scored_with: Mapping[str, object] | None = None,
+        worker: int | None = None,
+    ) -> None:
         self.staging = Staging(store, plan.dataset, plan.run_key)
         self._lock = self.staging.hold()
+        self._worker_lock: IO[str] | None = None
         try:
+            if worker is not None:
+                self._worker_lock = self.staging.claim_worker(worker)
             self.plan = self.staging.open(plan)
             self.done = frozenset(self.staging.completed_parts(self.plan))
         except BaseException:
@@ -44,7 +58,9 @@ class RunWriter:
         self.scored_with = dict(scored_with) if scored_with else None
 
     def close(self) -> None:
-        """Release the run's worker lock (idempotent)."""
+        """Release the run's worker locks (idempotent)."""
+        if self._worker_lock is not None:
+            self._worker_lock.close()
         self._lock.close()
 
     def __enter__(self) -> RunWriter:

@@ -8,6 +8,10 @@ Routes never touch the filesystem themselves; they ask the catalogue. It
 - verifies every file of a version against its manifest before serving it (on first use, or
   ahead of time in a background thread), and remembers a version that fails as a problem that
   is never served (`Corrupt` -> 503) and is listed by /readyz;
+- keeps checking while it serves (`storage/integrity.py`): every read stats its shard (a change
+  re-hashes it) and verifies page checksums, and a scrub thread re-hashes every served shard at
+  `scrub_bytes_per_s`; the first failure turns the version into a problem like the above. A
+  problem is looked at again when a file of its version changes (an operator restored it);
 - caches what is immutable per version: opened `Dataset`s, per-sample token counts (for the
   batch token limit) and the DuckDB statistics;
 - registers the server as a reader of the versions it serves (`storage.readers.ReaderLease`, from
@@ -36,6 +40,7 @@ import numpy as np
 
 from lopd.errors import Corrupt, LopdError, NotFound
 from lopd.storage import layout, stats
+from lopd.storage.integrity import FileStamp, directory_stamps
 from lopd.storage.manifest import Manifest
 from lopd.storage.reader import Dataset, Store, open_version, read_version_manifest
 from lopd.storage.readers import LEASE_TTL_S, READ_IDLE_S, ReaderLease
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, int]
 T = TypeVar("T")
 _STATS_CACHE_SIZE = 256
+DEFAULT_SCRUB_BYTES_PER_S = 16 * 2**20  # a full pass over 1 TB in ~17 h, at ~2% of one core's sha256
 
 
 @dataclass(frozen=True)
@@ -69,12 +75,29 @@ class Readiness:
     problems: list[str]
 
 
+@dataclass(frozen=True)
+class Integrity:
+    """What /metrics reports about checksums: damaged versions, failures found since start, bytes scrubbed."""
+
+    damaged: list[Key]
+    failures: dict[str, int]  # by when they were found: "open" (first verification) or "read" (while serving)
+    scrubbed_bytes: int
+
+
 class Catalog:
     """Thread-safe view of a store for a long-running server (read-only)."""
 
-    def __init__(self, root: str | Path, ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        ttl_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        scrub_bytes_per_s: float = DEFAULT_SCRUB_BYTES_PER_S,
+    ) -> None:
         self.root = Path(root)
         self.ttl_s = ttl_s
+        self.scrub_bytes_per_s = scrub_bytes_per_s
         self._clock = clock
         self._lock = threading.Lock()  # guards the dicts below; never held during I/O
         self._scan_lock = threading.Lock()  # one rescan at a time
@@ -95,6 +118,10 @@ class Catalog:
         self._registered: dict[Key, float] = {}  # when a lease listing the version was written before a read
         self._register_lock = threading.Lock()  # one lease write + rescan at a time
         self._lease = ReaderLease(self.root, self._read_times)
+        self._problem_stamps: dict[Key, tuple[tuple[str, FileStamp], ...]] = {}  # the files when it failed
+        self._failures = {"open": 0, "read": 0}
+        self._scrubbed = 0
+        self._scrubber: threading.Thread | None = None
 
     # -- scanning ---------------------------------------------------------------------------
 
@@ -112,6 +139,7 @@ class Catalog:
                 self._versions, self._staging_only, self._store_problem = versions, staging_only, problem
                 self._scanned_at = self._clock()
                 self._forget_removed(versions)
+            self._retry_changed_problems()
         if self.pending():
             self._wake.set()
 
@@ -121,13 +149,25 @@ class Catalog:
         def gone(key: Key) -> bool:
             return key[1] not in versions.get(key[0], ())
 
-        for cache in (self._served, self._problems, self._manifests, self._registered):
+        for cache in (self._served, self._problems, self._manifests, self._registered, self._problem_stamps):
             for key in [k for k in cache if gone(k)]:
                 del cache[key]
         # `_reads` stays: gc may have moved a version aside for a moment and will put it back only if
         # this server's lease still lists it (leases drop versions not read for READ_IDLE_S anyway).
         for stat_key in [k for k in self._stats if gone(k[1])]:
             del self._stats[stat_key]
+
+    def _retry_changed_problems(self) -> None:
+        """Forget a problem once a file of its version changed (restored from a backup): it is verified again."""
+        with self._lock:
+            watched = dict(self._problem_stamps)
+        for key, stamps in watched.items():
+            if directory_stamps(layout.version_dir(self.root, *key)) != stamps:
+                with self._lock:
+                    if self._problem_stamps.get(key) == stamps:
+                        del self._problem_stamps[key]
+                        self._problems.pop(key, None)
+                log.info("a file of %s v%d changed: verifying it again", *key)
 
     def _scan(self) -> tuple[dict[str, list[int]], frozenset[str], str | None]:
         try:
@@ -261,12 +301,17 @@ class Catalog:
             with self._lock:
                 if key in self._served or key in self._problems:
                     return
+            stamps = directory_stamps(layout.version_dir(self.root, *key))
             try:
-                dataset = open_version(self.root, *key, verify=True)
+                dataset = open_version(
+                    self.root, *key, verify=True, on_corrupt=lambda message: self._damaged_while_serving(key, message)
+                )
                 counts = dataset.token_counts()
             except (LopdError, OSError, ValueError) as e:
                 if self._still_published(key):
-                    self._record_problem(key, e)
+                    self._record_problem(key, e, stamps)
+                    with self._lock:
+                        self._failures["open"] += 1
                 return
             with self._lock:
                 self._served[key] = ServedVersion(dataset, counts)
@@ -280,7 +325,18 @@ class Catalog:
         except (LopdError, OSError):
             return False
 
-    def _record_problem(self, key: Key, err: Exception) -> None:
+    def _damaged_while_serving(self, key: Key, message: str) -> None:
+        """A read or the scrub found damage in a served version: stop serving it (`Dataset` raised `Corrupt`)."""
+        # The stamps of now, after the damage: a later change (a restore) makes the version be verified again.
+        stamps = directory_stamps(layout.version_dir(self.root, *key))
+        self._record_problem(key, Corrupt(message), stamps)
+        with self._lock:
+            self._served.pop(key, None)
+            self._failures["read"] += 1
+
+    def _record_problem(
+        self, key: Key, err: Exception, stamps: tuple[tuple[str, FileStamp], ...] | None = None
+    ) -> None:
         message = str(err).replace(str(self.root.resolve()), "<store>").replace(str(self.root), "<store>")
         if not isinstance(err, LopdError):
             message = f"{type(err).__name__}: {message}"
@@ -288,6 +344,13 @@ class Catalog:
         with self._lock:
             self._problems[key] = message
             self._manifests.pop(key, None)
+            if stamps is not None:
+                self._problem_stamps[key] = stamps
+
+    def integrity(self) -> Integrity:
+        """Damaged versions, checksum failures so far and bytes scrubbed (for /metrics)."""
+        with self._lock:
+            return Integrity(sorted(self._problems), dict(self._failures), self._scrubbed)
 
     def readiness(self) -> Readiness:
         """Ready when the store is there and every published version has been verified intact."""
@@ -310,6 +373,9 @@ class Catalog:
             self._lease.start()
             self._thread = threading.Thread(target=self._verify_loop, name="lopd-catalog", daemon=True)
             self._thread.start()
+            if self.scrub_bytes_per_s > 0:
+                self._scrubber = threading.Thread(target=self._scrub_loop, name="lopd-scrub", daemon=True)
+                self._scrubber.start()
 
     def close(self) -> None:
         """Stop verifying and remove this server's reader lease."""
@@ -318,6 +384,9 @@ class Catalog:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if self._scrubber is not None:
+            self._scrubber.join(timeout=10)
+            self._scrubber = None
         self._lease.close()
 
     def _verify_loop(self) -> None:
@@ -332,6 +401,40 @@ class Catalog:
                 log.exception("catalogue refresh failed")
             self._wake.wait(timeout=max(self.ttl_s, 0.05))
             self._wake.clear()
+
+    def scrub_once(self, bytes_per_s: float | None = None) -> int:
+        """Re-hash every shard of every served version once, at most `bytes_per_s`; bytes read.
+
+        A mismatch marks the version damaged (through `Dataset.scrub`); the pass goes on with the others.
+        """
+        with self._lock:
+            served = list(self._served.values())
+        total = 0
+        for version in served:
+            for i in range(len(version.manifest.files)):
+                if self._stop.is_set():
+                    return total
+                try:
+                    n = version.dataset.scrub(i, bytes_per_s=bytes_per_s, stop=self._stop)
+                except Corrupt:
+                    break  # the version is a problem now: no need to read the rest of it
+                except OSError as e:  # removed by gc meanwhile, say
+                    log.debug("scrub skipped %s: %s", version.dataset.path, e)
+                    break
+                total += n
+                with self._lock:
+                    self._scrubbed += n
+        return total
+
+    def _scrub_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                done = self.scrub_once(self.scrub_bytes_per_s)
+            except Exception:  # the scrub must outlive any one bad directory
+                log.exception("scrub failed")
+                done = 0
+            # Between passes (or with nothing served yet) wait a little rather than spin.
+            self._stop.wait(timeout=1.0 if done else max(self.ttl_s, 1.0))
 
     # -- statistics -------------------------------------------------------------------------
 

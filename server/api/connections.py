@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -38,8 +37,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from lopd.http_contract import JSON_MEDIA_TYPE, ErrorType, error_body
 
 from .settings import ServerSettings
-
-log = logging.getLogger(__name__)
 
 LINGER_S = 2.0  # longest wait for the client to stop sending once the server has answered and closed
 LINGER_BYTES = 16 * 1024 * 1024  # most bytes read (and dropped) meanwhile
@@ -125,7 +122,7 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(cast(asyncio.Transport, _GuardedTransport(transport, self)))
         address = self.client[0] if self.client else None
         if address is not None and not self.clients.acquire(address):
-            log.info("refused a connection from %s: %d already open", address, self.clients.limit)
+            self.logger.info("refused a connection from %s: %d already open", address, self.clients.limit)
             self._answer_and_close(
                 429,
                 ErrorType.TOO_MANY_REQUESTS,
@@ -212,7 +209,7 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline = None
         if self.lingering or self.conn.their_state is not h11.IDLE:
             return
-        log.info("dropped a connection from %s: no complete request head in %s s", self._address, self.header_timeout_s)
+        self.logger.info("dropped a connection from %s: no request head in %g s", self._address, self.header_timeout_s)
         self._answer_and_close(
             408,
             ErrorType.TIMEOUT,

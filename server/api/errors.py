@@ -52,7 +52,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "The body is not JSON.",
         401: "Missing or wrong bearer token.",
         404: "Unknown dataset, version or route.",
-        413: "Beyond max_batch_indices or max_response_tokens.",
+        413: "Beyond max_batch_indices, max_response_tokens or max_body_bytes.",
         422: "Invalid input: dataset name, index out of range, malformed body.",
         503: "The version failed checksum verification (never served) or the store is unavailable.",
     }

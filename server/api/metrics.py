@@ -7,11 +7,18 @@ raw path), labs come from the tokens file, datasets from the store's catalogue.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import ANONYMOUS
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
 
 UNMATCHED = "<unmatched>"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -46,6 +53,18 @@ class Metrics:
             registry=self.registry,
         )
 
+        self._watching: Catalog | None = None
+
+    @property
+    def watching(self) -> bool:
+        return self._watching is not None
+
+    def watch(self, catalog: Catalog) -> None:
+        """Report `catalog`'s integrity (damaged versions, checksum failures, bytes scrubbed) at every scrape."""
+        if self._watching is None:
+            self._watching = catalog
+            self.registry.register(_IntegrityCollector(catalog))
+
     def served(self, dataset: str, version: int, lab: str, samples: int, nbytes: int) -> None:
         self.samples.labels(dataset, str(version), lab).inc(samples)
         self.bytes.labels(dataset, str(version), lab).inc(nbytes)
@@ -62,6 +81,10 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not self.metrics.watching:  # the app's catalogue (app.state.catalog), found on the first request
+            catalog = getattr(getattr(scope.get("app"), "state", None), "catalog", None)
+            if catalog is not None:
+                self.metrics.watch(catalog)
         start = time.perf_counter()
         status = 500
 
@@ -79,3 +102,34 @@ class MetricsMiddleware:
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             self.metrics.requests.labels(route, method, str(status), lab).inc()
             self.metrics.latency.labels(route, method).observe(time.perf_counter() - start)
+
+
+class _IntegrityCollector(Collector):
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        state = self.catalog.integrity()
+        damaged = GaugeMetricFamily(
+            "lopd_damaged_versions",
+            "Dataset versions not served because a checksum or decode check failed (1 per version; /readyz names "
+            "the file).",
+            labels=["dataset", "version"],
+        )
+        for name, version in state.damaged:
+            damaged.add_metric([name, str(version)], 1)
+        yield damaged
+        failures = CounterMetricFamily(
+            "lopd_integrity_failures",
+            "Checksum or decode failures, by when they were found: open (first verification) or read (while serving: "
+            "a read or the scrub).",
+            labels=["found"],
+        )
+        for found, n in sorted(state.failures.items()):
+            failures.add_metric([found], n)
+        yield failures
+        yield CounterMetricFamily(
+            "lopd_scrub_bytes",
+            "Bytes of published shards re-hashed by the background scrub.",
+            value=state.scrubbed_bytes,
+        )

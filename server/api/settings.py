@@ -17,6 +17,8 @@ from lopd.config import ARGUMENT
 from lopd.http_contract import MAX_BATCH_INDICES, MAX_BODY_BYTES, MAX_RESPONSE_TOKENS
 from lopd.storage.layout import check_store_path
 
+from .catalog import DEFAULT_SCRUB_BYTES_PER_S
+
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 ANY_HOST = "*"
 
@@ -82,6 +84,12 @@ class ServerSettings(BaseSettings):
     )
     catalog_ttl_s: float = Field(
         default=2.0, ge=0.0, description="Longest time a newly published version can stay unseen."
+    )
+    scrub_bytes_per_s: float = Field(
+        default=DEFAULT_SCRUB_BYTES_PER_S,
+        ge=0.0,
+        description="Rate at which served shards are re-hashed against their manifest in the background (0: off); "
+        "damage found makes the version 503 `corrupt` (docs/store-format.md: Integrity while reading).",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 

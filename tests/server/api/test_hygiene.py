@@ -53,9 +53,10 @@ def test_head_on_a_post_only_route_is_405(client: httpx.Client) -> None:
 
 
 def test_head_requests_are_counted_under_their_route(server: Running, client: httpx.Client) -> None:
-    client.head("/v1/datasets/alpha")
+    assert client.head("/v1/datasets/alpha").status_code == 200
     text = client.get("/metrics").text
-    assert re.search(r'lopd_http_requests_total\{lab="anonymous",method="HEAD",route="/v1/datasets/\{name\}"', text)
+    pattern = r'lopd_http_requests_total\{lab="anonymous",method="HEAD",route="/v1/datasets/\{name\}",status="200"\}'
+    assert re.search(pattern, text), text
 
 
 # -- strict integers -----------------------------------------------------------------------------
