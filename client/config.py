@@ -43,6 +43,12 @@ class TrainConfig(LopdSettings):
         description="Forward precision (autocast); trained weights stay float32 and the loss is computed in float32. "
         "float16 adds a dynamic loss scaler. With LoRA the frozen base weights are held in this dtype.",
     )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp replicates the student on every process; fsdp shards its weights, gradients "
+        "and optimizer state over them (FSDP2, per decoder layer), for students too large for one device. Not with "
+        "LoRA.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: much less memory, about a third more compute."
     )

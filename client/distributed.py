@@ -15,6 +15,13 @@ passes on it, and DDP averages the gradients. The definitions a user can rely on
   global batch may have fewer samples than ranks; a rank whose share is empty then runs a filler
   batch with zero weight (`EpochSampler(even_batches=True)`), so every sample is still used
   exactly once per epoch.
+* **`--parallelism fsdp`** shards the student's parameters, gradients and AdamW moments over
+  the ranks (torch's FSDP2: `fully_shard` on each decoder layer, then on the whole model) instead
+  of replicating them (DDP): the same global batch and the same updates, for models whose weights
+  and optimizer state do not fit one device. A forward is then a collective, so evaluation runs on
+  every rank. The checkpoint holds the full (unsharded) model and optimizer state, gathered
+  before rank 0 writes it, so `model/` is a plain model directory; a run resumes with the
+  parallelism it was started with. Not with LoRA (the adapter is small: DDP replicates it cheaply).
 * **Rank 0 writes** the checkpoint, the metrics, the exported model and the progress lines. The
   checkpoint holds every rank's loader position and RNG state (`loaders`, `rngs`); it resumes with
   the same world size, and a run on another world size is refused before any weight loads.
@@ -46,15 +53,24 @@ class Ranks:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # this module started the process group, so it ends it
+    parallelism: str = "ddp"  # --parallelism
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP on many processes: the model's forward, state dict and export are collectives."""
+        return self.parallelism == "fsdp" and self.world_size > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def wrap(self, model: Any) -> Any:
-        """The model to train through: DDP over `model` on many processes, `model` itself on one."""
+        """The model to train through: DDP over `model` (or `model` sharded in place by FSDP2) on
+        many processes, `model` itself on one."""
         if self.world_size == 1:
             return model
+        if self.sharded:
+            return _fully_shard(model)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -63,7 +79,10 @@ class Ranks:
         return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     def no_sync(self, model: Any, last: bool) -> AbstractContextManager[Any]:
-        """Skip DDP's gradient all-reduce on every micro-batch of a step but the last."""
+        """Skip the gradients' all-reduce (DDP) or reduce-scatter (FSDP) on every micro-batch of a step but the last."""
+        if self.sharded:
+            model.set_requires_gradient_sync(last)
+            return nullcontext()
         if self.world_size == 1 or last:
             return nullcontext()
         return model.no_sync()  # type: ignore[no-any-return]
@@ -100,7 +119,64 @@ class Ranks:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
-def init_ranks(device: str) -> Ranks:
+def _fully_shard(model: Any) -> Any:
+    from torch.distributed.fsdp import fully_shard
+
+    # The decoder layers are the units transformers itself never splits (`_no_split_modules`).
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise InvalidInput(
+            f"--parallelism fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) to shard "
+            "by; use --parallelism ddp"
+        )
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+# Full (unsharded) state dicts, as one process would have them: under FSDP, gathered with a
+# collective every rank must enter; rank 0 gets them (on the CPU), the others an empty dict.
+def model_state(ranks: Ranks, model: Any) -> dict[str, Any]:
+    """The full model state dict (a collective under FSDP, where only rank 0 gets it)."""
+    if not ranks.sharded:
+        return model.state_dict()  # type: ignore[no-any-return]
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_model_state(ranks: Ranks, model: Any, state: dict[str, Any]) -> None:
+    """Load a full model state dict (every rank passes the whole of it; FSDP keeps its shard)."""
+    if not ranks.sharded:
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state(ranks: Ranks, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The full optimizer state dict (under FSDP keyed by parameter name, a collective, rank 0 gets it)."""
+    if not ranks.sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)  # type: ignore[return-value]
+
+
+def load_optimizer_state(ranks: Ranks, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    if not ranks.sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def init_ranks(device: str, parallelism: str = "ddp") -> Ranks:
     """Join the job torchrun started (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`), or be its only rank.
 
     `device` is `--device`: under torchrun, `cuda` means `cuda:LOCAL_RANK` (NCCL) and `cpu` the CPU
@@ -108,7 +184,7 @@ def init_ranks(device: str) -> Ranks:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Ranks(device=torch.device(device))
+        return Ranks(device=torch.device(device), parallelism=parallelism)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda:"):
         raise InvalidInput(
@@ -121,7 +197,9 @@ def init_ranks(device: str) -> Ranks:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
-    return Ranks(rank=rank, world_size=world_size, local_rank=local_rank, device=where, owns_group=owns)
+    return Ranks(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=where, owns_group=owns, parallelism=parallelism
+    )
 
 
 def check_world_size(saved: int, ranks: Ranks) -> None:

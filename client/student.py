@@ -132,9 +132,14 @@ def _swap_in(dest: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export_student(cfg: TrainConfig, model: Any, tokenizer: Any, model_dir: Path, adapter_dir: Path) -> None:
+def export_student(
+    cfg: TrainConfig, model: Any, tokenizer: Any, model_dir: Path, adapter_dir: Path, state: dict[str, Any] | None = None
+) -> None:
     """`save_pretrained` the student into `model_dir`; under LoRA, the adapter into `adapter_dir` and
-    the adapter merged into a float32 copy of `cfg.student` (loaded on the CPU) into `model_dir`."""
+    the adapter merged into a float32 copy of `cfg.student` (loaded on the CPU) into `model_dir`.
+
+    `state`: the student's full state dict, when `model` itself cannot save it (sharded by FSDP):
+    it is loaded into a float32 copy of `cfg.student` on the CPU, which is saved instead."""
 
     def save(obj: Any) -> Callable[[Path], None]:
         def write(path: Path) -> None:
@@ -143,6 +148,13 @@ def export_student(cfg: TrainConfig, model: Any, tokenizer: Any, model_dir: Path
 
         return write
 
+    if state is not None:
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(str(cfg.student), dtype=torch.float32)  # type: ignore[arg-type]
+        plain.load_state_dict(state)
+        _swap_in(model_dir, save(plain))
+        return
     if not cfg.lora_rank:
         _swap_in(model_dir, save(model))
         return

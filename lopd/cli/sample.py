@@ -28,9 +28,14 @@ def _sample(cfg: SampleConfig) -> None:
             "other workers"
         )
     else:
+        from lopd.server.sample import read_sampling
+
+        plan = read_sampling(result.out) or {}
         typer.echo(
             f"sampled: {result.out} is complete ({result.parts_sampled} parts, {result.samples_written} samples "
-            f"written now); next: lopd precompute {result.out} --teacher ..."
+            f"written now). Score it with: lopd precompute {result.out} --teacher TEACHER --sft-teacher TEACHER "
+            f"--store STORE --dataset NAME --rollout-tokenizer {plan.get('tokenizer_fingerprint')} "
+            f"--rollout-temperature {plan.get('temperature')}"
         )
 
 

@@ -111,7 +111,7 @@ class ServerSettings(BaseSettings):
 
     @property
     def host_allow_list(self) -> frozenset[str] | None:
-        """The Host names accepted, or None for any (docs/http-api.md: Host header)."""
+        """The Host names accepted, or None for any (docs/http-api.md, Conventions: Host allow-list)."""
         if self.allowed_hosts is not None:
             return None if ANY_HOST in self.allowed_hosts else frozenset(self.allowed_hosts)
         return None if self.exposed else LOOPBACK_HOSTS

@@ -223,11 +223,17 @@ class VLLMTeacher:
             kv_bytes = int(options.kv_cache_gib * GiB)
         elif on_cpu and util is None:
             kv_bytes = scoring_kv_cache_bytes(config, dtype, max_batch_tokens, engine_len)
-        env_kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
-        if on_cpu and env_kv.strip():  # vLLM's CPU platform lets this variable win over the engine argument
-            kv_bytes = int(float(env_kv) * GiB)
+        env_kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "").strip()
+        if on_cpu and env_kv:  # vLLM's CPU platform lets this variable win over the engine argument
+            try:
+                kv_bytes = int(float(env_kv) * GiB)
+            except ValueError:
+                raise InvalidInput(f"VLLM_CPU_KVCACHE_SPACE must be a number of GiB, got {env_kv!r}") from None
         if on_cpu:
-            target = cpu_transient_target_bytes(available, weight_bytes(path, dtype), kv_bytes or 0)
+            if kv_bytes is not None:  # weights take what they take, the KV cache what it was given
+                target = cpu_transient_target_bytes(available, weight_bytes(path, dtype), kv_bytes)
+            else:  # a fraction given on CPU: vLLM reserves that share of the node for weights and KV cache
+                target = cpu_transient_target_bytes(available, int(total * float(util or 0)), 0)
             remedy = "free memory, lower --kv-cache-gib or VLLM_CPU_KVCACHE_SPACE"
         else:
             target = transient_target_bytes(total, float(util or DEFAULT_GPU_MEMORY_UTILIZATION))

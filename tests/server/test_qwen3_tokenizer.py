@@ -22,6 +22,8 @@ from lopd.storage.reader import Store
 from tests.utils.naive import naive_logprobs
 from tests.utils.qwen3_tokenizer import QWEN3_VOCAB_ROWS, build_qwen3_model, require_qwen3_tokenizer
 
+pytestmark = pytest.mark.slow  # a 151k-row model and several precompute runs: about a minute on two cores
+
 IM_END, THINK, END_THINK = 151645, 151667, 151668  # Qwen3's <|im_end|>, <think>, </think>
 
 

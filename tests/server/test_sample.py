@@ -24,6 +24,8 @@ from lopd.server.sample import SAMPLING_FILE, SampleConfig, read_sampling, run_s
 from lopd.storage.reader import Store
 from tests.utils.vllm_env import REPO, lopd_command, require_vllm_python, tail, vllm_env
 
+pytestmark = pytest.mark.slow  # sampling and scoring real (tiny) models: about a minute on two cores, vLLM more
+
 CHAT = [{"role": "user", "content": "What is 12 + 30?"}]
 # A runner for `lopd sample` in either environment, until the command is registered in the `lopd` app.
 SAMPLE_CLI = (
@@ -182,7 +184,6 @@ def _run_sample_cli(python: Path | str, args: list[str], log: Path) -> None:
     assert proc.returncode == 0, tail(log)
 
 
-@pytest.mark.slow
 def test_vllm_sample_precompute_serve_train(tmp_path: Path, policy_dir: Path, policy: Any) -> None:
     from transformers import AutoTokenizer
     from typer.testing import CliRunner

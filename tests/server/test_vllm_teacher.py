@@ -388,8 +388,10 @@ class _EngineArgs:
     max_model_len: int | None = None  # no logprobs_mode: an older release
 
 
-def _fake_vllm(monkeypatch: pytest.MonkeyPatch, total_memory: int, flat: bool) -> list[str]:
-    """Install a stand-in `vllm` package; returns the log of cleanup calls."""
+def _fake_vllm(
+    monkeypatch: pytest.MonkeyPatch, total_memory: int, flat: bool, cpu_available: int | None = None
+) -> list[str]:
+    """Install a stand-in `vllm` package (a CPU build when `cpu_available` is given); returns the cleanup calls."""
     cleanups: list[str] = []
 
     class SamplingParams:
@@ -403,7 +405,13 @@ def _fake_vllm(monkeypatch: pytest.MonkeyPatch, total_memory: int, flat: bool) -
     root = types.ModuleType("vllm")
     root.LLM, root.SamplingParams = _FakeEngine, SamplingParams  # type: ignore[attr-defined]
     platforms = types.ModuleType("vllm.platforms")
-    platforms.current_platform = types.SimpleNamespace(get_device_total_memory=lambda i=0: total_memory)  # type: ignore[attr-defined]
+    platforms.current_platform = types.SimpleNamespace(  # type: ignore[attr-defined]
+        get_device_total_memory=lambda i=0: total_memory, device_type="cuda" if cpu_available is None else "cpu"
+    )
+    cpu_utils = types.ModuleType("vllm.utils.cpu_resource_utils")
+    cpu_utils.get_memory_node_info = lambda node=0: types.SimpleNamespace(  # type: ignore[attr-defined]
+        total_memory=total_memory, available_memory=cpu_available
+    )
     engine, arg_utils = types.ModuleType("vllm.engine"), types.ModuleType("vllm.engine.arg_utils")
     arg_utils.EngineArgs = _EngineArgs  # type: ignore[attr-defined]
     dist = types.ModuleType("vllm.distributed")
@@ -411,6 +419,7 @@ def _fake_vllm(monkeypatch: pytest.MonkeyPatch, total_memory: int, flat: bool) -
     for name, mod in (
         ("vllm", root), ("vllm.platforms", platforms), ("vllm.engine", engine),
         ("vllm.engine.arg_utils", arg_utils), ("vllm.distributed", dist),
+        ("vllm.utils", types.ModuleType("vllm.utils")), ("vllm.utils.cpu_resource_utils", cpu_utils),
     ):  # fmt: skip
         monkeypatch.setitem(sys.modules, name, mod)
     return cleanups
@@ -442,6 +451,38 @@ def test_an_older_release_on_a_small_gpu(tiny_llama_dir: Path, llama: Any, monke
         assert g.dtype == np.float32 and np.array_equal(g, naive_logprobs(llama, p, r)), i
     teacher.close()
     assert cleanups == ["cleanup"] and teacher.llm is None
+
+
+def test_cpu_settings(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The branches of the CPU defaults the real engine's tests (test_vllm_real.py, defaults only) do not take."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+
+    def engine(**kw: Any) -> tuple[VLLMTeacher, dict[str, Any]]:
+        teacher = VLLMTeacher(tiny_llama_dir, dtype="float32", **kw)
+        teacher.close()
+        return teacher, _FakeEngine.instances[-1].kwargs
+
+    _fake_vllm(monkeypatch, 24 * GiB, flat=True, cpu_available=20 * GiB)
+    teacher, kw = engine()
+    assert "gpu_memory_utilization" not in kw and kw["enforce_eager"] is True
+    assert kw["kv_cache_memory_bytes"] == MIN_KV_CACHE_BYTES and teacher.info.device == "cpu"
+    _, kw = engine(kv_cache_gib=0.5, enforce_eager=False)
+    assert kw["kv_cache_memory_bytes"] == GiB // 2 and kw["enforce_eager"] is False
+    _, kw = engine(gpu_memory_utilization=0.3)  # vLLM's own CPU rule, when asked for
+    assert kw["gpu_memory_utilization"] == 0.3 and "kv_cache_memory_bytes" not in kw
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "nope")
+    with pytest.raises(InvalidInput, match="VLLM_CPU_KVCACHE_SPACE must be a number of GiB"):
+        engine()
+    # Little memory free beside the weights and the KV cache: a smaller step, then a refusal that says what to do.
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    per_token = prompt_logprob_bytes_per_token(128, "float32")
+    weights = weight_bytes(tiny_llama_dir, "float32")
+    _fake_vllm(monkeypatch, 24 * GiB, flat=True, cpu_available=GiB + weights + 2 * 1000 * per_token)
+    teacher, kw = engine()
+    assert teacher.max_batch_tokens == kw["max_num_batched_tokens"] == 1000
+    _fake_vllm(monkeypatch, 24 * GiB, flat=True, cpu_available=GiB + weights + 100 * per_token)
+    with pytest.raises(InvalidInput, match="free memory, lower --kv-cache-gib or VLLM_CPU_KVCACHE_SPACE"):
+        engine()
 
 
 def test_gpu_defaults(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
