@@ -133,7 +133,12 @@ def _swap_in(dest: Path, write: Callable[[Path], None]) -> None:
 
 
 def export_student(
-    cfg: TrainConfig, model: Any, tokenizer: Any, model_dir: Path, adapter_dir: Path, state: dict[str, Any] | None = None
+    cfg: TrainConfig,
+    model: Any,
+    tokenizer: Any,
+    model_dir: Path,
+    adapter_dir: Path,
+    state: dict[str, Any] | None = None,
 ) -> None:
     """`save_pretrained` the student into `model_dir`; under LoRA, the adapter into `adapter_dir` and
     the adapter merged into a float32 copy of `cfg.student` (loaded on the CPU) into `model_dir`.

@@ -1,6 +1,6 @@
 """A reference Lightning OPD trainer for Hugging Face causal LMs, readable top to bottom.
 
-One process per device: one, or many under torchrun (DDP; `distributed.py` defines the global
+One process per device: one, or many under torchrun (DDP or FSDP2; `distributed.py` defines the global
 batch, the ranks' partitions and what the checkpoint holds). The data comes from a `lopd serve`
 endpoint through `OPDLoader`; the objective is `lightning_opd_loss`, computed in float32
 whatever the forward's precision; everything needed to continue a run exactly (the model or its
@@ -29,7 +29,16 @@ from lopd.errors import Conflict, InvalidInput, NotFound
 
 from .config import TrainConfig
 from .consistency import check_dataset_for_training
-from .distributed import check_world_size, init_ranks, step_samples, weigh_fillers
+from .distributed import (
+    check_world_size,
+    init_ranks,
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+    step_samples,
+    weigh_fillers,
+)
 from .evaluation import HeldOut, evaluate, held_out_indices
 from .http import StoreClient
 from .loader import OPDLoader
@@ -66,7 +75,8 @@ __all__ += ["opd_batch_loss", "train_student"]
 
 # Settings that shape the run itself (the trained parameters, the training samples): a resumed
 # run with other values would not be a continuation.
-RESUME_FIXED = ("lora_rank", "lora_alpha", "lora_target_modules", "eval_samples")
+# The parallelism too: the optimizer state is saved in its own layout.
+RESUME_FIXED = ("lora_rank", "lora_alpha", "lora_target_modules", "eval_samples", "parallelism")
 
 
 @dataclass
@@ -125,13 +135,21 @@ def train_student(
     Under torchrun, every rank calls this; only rank 0 echoes and writes (`distributed.py`).
     `client` replaces the `StoreClient` built from `cfg.url` / `cfg.token` (custom transports).
     `on_step(step, model)` runs on rank 0 after every optimizer step with the model in eval mode
-    (evaluation during training); its time is excluded from the step time in metrics.csv.
+    (evaluation during training); its time is excluded from the step time in metrics.csv. It is
+    refused under `--parallelism fsdp` on many processes, where a forward needs every rank.
     """
     from transformers import AutoTokenizer
 
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidInput(f"device {cfg.device!r} asked for, but torch sees no CUDA device; use --device cpu")
-    ranks = init_ranks(cfg.device)
+    if cfg.parallelism == "fsdp" and cfg.lora_rank:
+        raise InvalidInput(
+            "--parallelism fsdp does not train LoRA adapters; use --parallelism ddp with --lora-rank (the adapter is "
+            "small, and the frozen base can be held in --dtype bfloat16)"
+        )
+    ranks = init_ranks(cfg.device, cfg.parallelism)
+    if ranks.sharded and on_step is not None:
+        raise InvalidInput("on_step runs on rank 0 alone, which cannot run a forward of an FSDP-sharded student")
     device = ranks.device
     if not ranks.is_main:
         echo = _quiet
@@ -172,7 +190,9 @@ def train_student(
 
     # The student: the weights AdamW updates are float32, the forward runs in --dtype (student.py).
     model = load_student(cfg, device)
-    train_model = ranks.wrap(model)  # DDP on many processes; evaluation and export use `model`
+    # DDP on many processes (evaluation and export use the bare `model`), or FSDP, which shards
+    # `model` itself in place: before the optimizer is built, so that it holds the shards.
+    train_model = ranks.wrap(model)
     amp = autocast(cfg, device)
     scaler = grad_scaler(cfg, device)
     params = trainable_parameters(model)
@@ -183,8 +203,9 @@ def train_student(
          f"{cfg.dtype}" + (", gradient checkpointing" if cfg.gradient_checkpointing else ""))  # fmt: skip
     if ranks.world_size > 1:
         g = cfg.batch_size * cfg.grad_accum * ranks.world_size
+        sharded = ", student sharded (FSDP)" if ranks.sharded else ""
         echo(f"{ranks.world_size} processes ({device.type}): global batch {cfg.batch_size} x {cfg.grad_accum} x "
-             f"{ranks.world_size} = {g} sequences per step")  # fmt: skip
+             f"{ranks.world_size} = {g} sequences per step{sharded}")  # fmt: skip
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = OPDLoader(
@@ -196,11 +217,15 @@ def train_student(
     if cfg.eval_samples:
         indices = held_out_indices(info.num_samples, cfg.eval_samples)
         loader.sampler = loader.sampler.excluding(indices)  # never trained on; part of the loader's resume state
-        held_out = HeldOut(client, info, indices, cfg.batch_size, pad_id) if ranks.is_main else None
+        # Rank 0 evaluates alone, but under FSDP every rank runs the forward with it.
+        held_out = HeldOut(client, info, indices, cfg.batch_size, pad_id) if ranks.is_main or ranks.sharded else None
     step = 0
     if ckpt is not None:
-        load_student_state(cfg, model, ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if ranks.sharded:
+            load_model_state(ranks, model, ckpt["model"])  # every rank read it whole, and keeps its shard
+        else:
+            load_student_state(cfg, model, ckpt["model"])
+        load_optimizer_state(ranks, model, optimizer, ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         # Each rank continues from its own position (refused: other content, batch size, seed, held-out set).
@@ -213,14 +238,15 @@ def train_student(
         echo(f"resumed from {ckpt_path} at step {step} (epoch {loader.sampler.epoch}, "
              f"batch {loader.sampler.batches_consumed} of {len(loader)})")  # fmt: skip
     metrics_csv = CSVLog(cfg.out / METRICS, METRIC_COLUMNS, resume_step=step) if ranks.is_main else None
-    eval_csv = CSVLog(cfg.out / EVAL, EVAL_COLUMNS, resume_step=step) if held_out is not None else None
+    writes_eval = held_out is not None and ranks.is_main
+    eval_csv = CSVLog(cfg.out / EVAL, EVAL_COLUMNS, resume_step=step) if writes_eval else None
     steps_log = JSONLog(cfg.out / STEPS, resume_step=step) if cfg.record_samples and ranks.is_main else None
 
     def batch_loss(net: Any, b: dict[str, Any], token_count: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return opd_batch_loss(cfg, net, amp, to_device(b, device), token_count)
 
     def run_eval(held_out: HeldOut) -> dict[str, float]:
-        loss_fn = functools.partial(batch_loss, model)  # rank 0 alone: the bare model, no DDP collective
+        loss_fn = functools.partial(batch_loss, model)  # DDP: rank 0 alone, the bare model; FSDP: every rank
         result = {"step": step, **evaluate(model, held_out, loss_fn, normalize=cfg.normalize)}
         if eval_csv is not None:
             eval_csv.write(result)
@@ -231,15 +257,17 @@ def train_student(
         return result
 
     def save_checkpoint() -> None:
-        # Every rank's position and RNG (a collective); rank 0 writes.
+        # Every rank's position and RNG, and under FSDP the gathered full state (collectives); rank 0 writes.
         loaders, rngs = ranks.gather(loader.state_dict()), ranks.gather(torch.get_rng_state())
         cuda_rngs = ranks.gather(torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        model_sd = model_state(ranks, model) if ranks.sharded else student_state(cfg, model)  # LoRA: the adapter
+        optimizer_sd = optimizer_state(ranks, model, optimizer)
         if not ranks.is_main:
             return
         atomic_torch_save(
             {
-                "model": student_state(cfg, model),  # under LoRA, the adapter only
-                "optimizer": optimizer.state_dict(),
+                "model": model_sd,
+                "optimizer": optimizer_sd,
                 "scaler": scaler.state_dict(),  # empty unless float16
                 "config": cfg.to_json(),
                 "step": step,
@@ -253,7 +281,8 @@ def train_student(
             },
             ckpt_path,
         )
-        export_student(cfg, model, tokenizer, cfg.out / MODEL_DIR, cfg.out / ADAPTER_DIR)
+        full = model_sd if ranks.sharded else None  # a sharded model cannot save itself
+        export_student(cfg, model, tokenizer, cfg.out / MODEL_DIR, cfg.out / ADAPTER_DIR, state=full)
 
     if step >= cfg.steps:
         echo(f"already at step {step} of {cfg.steps}; nothing to do (raise --steps to train on)")
