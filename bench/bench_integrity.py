@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                     start = time.perf_counter()
                     table = ds.take(idx)
                     times[mode].append(time.perf_counter() - start)
-                    tokens[mode] += sum(int(table[c].combine_chunks().values.__len__()) for c in schema.TOKEN_COLUMNS)
+                    tokens[mode] += sum(len(table[c].combine_chunks().values) for c in schema.TOKEN_COLUMNS)
         shard = datasets["stat+pages"].shard_paths()[0]
         started = time.perf_counter()
         for _ in range(3):

@@ -54,7 +54,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if settings.tokens_file is not None
         else None
     )
-    catalog = Catalog(settings.store, settings.catalog_ttl_s)
+    catalog = Catalog(settings.store, settings.catalog_ttl_s, scrub_bytes_per_s=settings.scrub_bytes_per_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -19,7 +19,6 @@ from lopd.cli.params import cli_errors
 from lopd.errors import Conflict
 from lopd.server.precompute import run_precompute
 from lopd.storage import layout, staging
-from lopd.storage.faults import StoreUnwritable
 from lopd.storage.reader import Store
 from tests.server.test_precompute import _cfg, _cli, _shard_hashes, write_rollouts
 
