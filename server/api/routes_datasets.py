@@ -1,8 +1,8 @@
 """Dataset routes: catalogue, manifests, samples, batches and statistics (all read-only).
 
 Each route asks the catalogue for a verified version and encodes the answer; nothing here reads
-files. Responses about a version carry `ETag: "<content_hash>"` where the answer depends only on
-the version's immutable content, and answer 304 to a matching `If-None-Match`. Indices and
+files. Responses about a version carry `ETag: "<content hash>.<name>.v<version>"` where the answer
+depends only on that immutable version, and answer 304 to a matching `If-None-Match`. Indices and
 versions in the URL are plain decimal digits (`+1`, `1.0`, `1_0` and `true` are refused, not read
 as numbers), as strict as the JSON body (`BatchRequest`). Local paths in provenance are served
 redacted unless `redact_paths` is off (`redaction.py`).
@@ -69,7 +69,10 @@ _NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modi
 
 
 def _etag(served: ServedVersion) -> str:
-    return f'"{served.manifest.content_hash}"'
+    """The version's identity: its content hash alone is shared by two versions of equal samples, whose
+    manifests (version number, provenance) still differ, so a cached answer for one must not match the other."""
+    m = served.manifest
+    return f'"{m.content_hash.removeprefix("sha256:")}.{m.name}.v{m.version}"'
 
 
 def _not_modified(served: ServedVersion, if_none_match: str | None) -> Response | None:
