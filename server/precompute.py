@@ -17,11 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import NoDecode
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 import lopd
@@ -36,6 +35,7 @@ from lopd.fingerprint import (
 )
 from lopd.storage import layout
 from lopd.storage.faults import store_fault
+from lopd.storage.layout import StorePath
 from lopd.storage.manifest import Consistency, Manifest, ModelRef, Provenance, RolloutSource
 from lopd.storage.publish import find_published_run
 from lopd.storage.schema import FORMAT_VERSION, build_table
@@ -43,7 +43,7 @@ from lopd.storage.staging import RunPlan
 from lopd.storage.writer import RunWriter
 
 from .rollouts import RolloutScan, expand_rollout_paths, load_rollouts, scan_rollouts
-from .teachers import DEFAULT_BACKEND, ScoringJob, TeacherOptions, backend_options
+from .teachers import DEFAULT_BACKEND, BackendField, ScoringJob
 from .teachers.base import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_BATCH_TOKENS,
@@ -71,9 +71,9 @@ class PrecomputeConfig(LopdSettings):
     )
     teacher: Path = Field(description="Teacher model directory (Hugging Face format).")
     sft_teacher: str = Field(description="The model (directory or fingerprint) that generated the student's SFT data.")
-    store: Path = Field(description="Store directory (created if missing).")
+    store: StorePath = Field(description="Store directory (created if missing).")
     dataset: str = Field(description="Dataset name inside the store.")
-    backend: Annotated[TeacherOptions, NoDecode] = Field(
+    backend: BackendField = Field(
         DEFAULT_BACKEND, validate_default=True, description="Teacher backend and its options."
     )
     temperature: Temperature = DEFAULT_TEMPERATURE
@@ -99,16 +99,6 @@ class PrecomputeConfig(LopdSettings):
         True, description="Publish when every part exists (--no-publish: leave it to `lopd finalize`)."
     )
     progress: bool = Field(True, description="Show progress bars.")
-
-    @field_validator("backend", mode="before")
-    @classmethod
-    def _backend(cls, value: Any) -> TeacherOptions:
-        return backend_options(value)
-
-    @field_validator("store", mode="before")
-    @classmethod
-    def _store(cls, value: Any) -> Any:
-        return layout.check_store_path(value) if isinstance(value, (str, Path)) else value
 
     @model_validator(mode="after")
     def _check(self) -> PrecomputeConfig:

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
-from pydantic_settings import NoDecode
+from pydantic import Field
 
 from lopd.arrow import list_column
 from lopd.config import ARGUMENT, LopdSettings
 from lopd.fingerprint import model_fingerprint
-from lopd.storage import layout
+from lopd.storage.layout import StorePath
 from lopd.storage.reader import Store
 
-from .teachers import DEFAULT_BACKEND, ScoringJob, TeacherOptions, backend_options
+from .teachers import DEFAULT_BACKEND, BackendField, ScoringJob
 from .teachers.base import DEFAULT_MAX_BATCH_TOKENS, MaxBatchTokens
 
 
@@ -63,27 +62,17 @@ class VerifyReport:
 class VerifyConfig(LopdSettings):
     """`lopd verify`: every setting, its default and its help, declared once (flags and `LOPD_*` derive)."""
 
-    store: Path = Field(description="Store directory.", json_schema_extra=ARGUMENT)
+    store: StorePath = Field(description="Store directory.", json_schema_extra=ARGUMENT)
     dataset: str = Field(description="Dataset name.")
     teacher: Path = Field(description="The teacher to re-score with (model directory).")
     version: int | None = Field(None, ge=1, description="Version (default: latest).")
     samples: int = Field(64, ge=1, description="How many random samples to re-score.")
     seed: int = Field(0, description="Seed of the random sample.")
     tolerance: float = Field(1e-3, ge=0, description="Largest accepted |stored - rescored| per token.")
-    backend: Annotated[TeacherOptions, NoDecode] = Field(
+    backend: BackendField = Field(
         DEFAULT_BACKEND, validate_default=True, description="Teacher backend and its options."
     )
     max_batch_tokens: MaxBatchTokens = DEFAULT_MAX_BATCH_TOKENS
-
-    @field_validator("backend", mode="before")
-    @classmethod
-    def _backend(cls, value: Any) -> TeacherOptions:
-        return backend_options(value)
-
-    @field_validator("store", mode="before")
-    @classmethod
-    def _store(cls, value: Any) -> Any:
-        return layout.check_store_path(value) if isinstance(value, (str, Path)) else value
 
 
 def verify_dataset(cfg: VerifyConfig) -> VerifyReport:

@@ -25,6 +25,9 @@ import os
 import re
 import uuid
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
 
 from lopd.errors import Corrupt, InvalidInput
 
@@ -138,3 +141,11 @@ def tombstone_origin(name: str) -> str | None:
     """The name a tombstone had before gc moved it (`.gc-v3-1a2b3c4d` -> `v3`), or None."""
     m = re.fullmatch(rf"{re.escape(TOMBSTONE_PREFIX)}(.+)-[0-9a-f]{{8}}", name)
     return m.group(1) if m else None
+
+
+def _store_path_field(value: Any) -> Any:
+    return check_store_path(value) if isinstance(value, (str, os.PathLike)) else value
+
+
+# A settings field holding a store directory: URLs are refused by `check_store_path`, in one place.
+StorePath = Annotated[Path, BeforeValidator(_store_path_field)]

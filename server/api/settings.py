@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lopd.config import ARGUMENT
 from lopd.http_contract import MAX_BATCH_INDICES, MAX_BODY_BYTES, MAX_RESPONSE_TOKENS
-from lopd.storage.layout import check_store_path
+from lopd.storage.layout import StorePath
 
 from .catalog import DEFAULT_SCRUB_BYTES_PER_S
 
@@ -28,7 +28,7 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LOPD_", extra="ignore", frozen=True)
 
-    store: Path = Field(description="Store directory to serve (read-only).", json_schema_extra=ARGUMENT)
+    store: StorePath = Field(description="Store directory to serve (read-only).", json_schema_extra=ARGUMENT)
     host: str = Field(default="127.0.0.1", description="Interface to bind; loopback unless told otherwise.")
     port: int = Field(default=8000, ge=0, le=65535)
     tokens_file: Path | None = Field(
@@ -92,11 +92,6 @@ class ServerSettings(BaseSettings):
         "damage found makes the version 503 `corrupt` (docs/store-format.md: Integrity while reading).",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
-
-    @field_validator("store", mode="before")
-    @classmethod
-    def _store(cls, value: object) -> object:
-        return check_store_path(value) if isinstance(value, (str, Path)) else value
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

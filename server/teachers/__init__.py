@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ValidationError
+from pydantic import BeforeValidator, ValidationError
+from pydantic_settings import NoDecode
 
 from lopd.config import flag, invalid_input
 from lopd.errors import InvalidInput
@@ -40,6 +41,7 @@ DEFAULT_BACKEND = "transformers"
 
 __all__ = [
     "BACKENDS",
+    "BackendField",
     "DEFAULT_BACKEND",
     "ScoringJob",
     "Teacher",
@@ -96,6 +98,11 @@ def backend_options(
             what = (field.description or "")[:1].lower() + (field.description or "")[1:]
             raise InvalidInput(f"--backend {name} needs {flag(missing[0])}: {what}") from None
         raise invalid_input(e, f"--backend {name}") from None
+
+
+# A settings field holding a teacher backend and its options: a name ("vllm", or LOPD_BACKEND read raw),
+# a mapping with a "name" key, or options already built (`backend_options`).
+BackendField = Annotated[TeacherOptions, NoDecode, BeforeValidator(backend_options)]
 
 
 def load_teacher(options: TeacherOptions, model_dir: str | Path, job: ScoringJob | None = None) -> Teacher:

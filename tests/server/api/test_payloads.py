@@ -120,7 +120,9 @@ def test_single_sample_and_etag(client: httpx.Client, store) -> None:
     etag = r.headers["etag"]
     manifest = client.get("/v1/datasets/alpha")
     m = manifest.json()
-    assert etag == manifest.headers["etag"] == f'"{m["content_hash"].removeprefix("sha256:")}.{m["name"]}.v{m["version"]}"'
+    assert (
+        etag == manifest.headers["etag"] == f'"{m["content_hash"].removeprefix("sha256:")}.{m["name"]}.v{m["version"]}"'
+    )
     for path in ("/v1/datasets/alpha/samples/77", "/v1/datasets/alpha", "/v1/datasets/alpha/consistency"):
         again = client.get(path, headers={"If-None-Match": etag})
         assert again.status_code == 304 and again.headers["etag"] == etag and again.content == b""
