@@ -6,6 +6,7 @@ absolute timings on a shared machine drift by tens of percent between runs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -129,3 +130,14 @@ def write_json(name: str, results: dict[str, Any], args: Any) -> Path:
     }
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return path
+
+
+def parse_with_defaults(
+    parser: argparse.ArgumentParser, argv: list[str] | None, defaults: dict[str, Any], quick: dict[str, Any]
+) -> argparse.Namespace:
+    """Parse `argv`; options left unset take `quick`'s value under --quick, else `defaults`' (one table each)."""
+    args = parser.parse_args(argv)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick.get(key, value) if args.quick else value)
+    return args

@@ -40,7 +40,7 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from _common import print_table, timed, write_json  # noqa: E402
+from _common import parse_with_defaults, print_table, timed, write_json  # noqa: E402
 from bench_serving import DATASET, build_store, lopd_serve, parse_range  # noqa: E402
 
 DEFAULTS: dict[str, Any] = dict(
@@ -213,11 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-steps", type=int, help=f"at least this many steps per run (default {DEFAULTS['min_steps']})")
     p.add_argument("--no-spin", dest="spin", action="store_false", default=None, help="skip the GIL-holding step")
     p.add_argument("--store", type=Path, help="reuse (or build once into) this store directory instead of a temp one")
-    args = p.parse_args(argv)
-    for key, value in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, QUICK.get(key, value) if args.quick else value)
-    return args
+    return parse_with_defaults(p, argv, DEFAULTS, QUICK)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from _common import print_table, timed, write_json  # noqa: E402
+from _common import parse_with_defaults, print_table, timed, write_json  # noqa: E402
 from bench_data_wait import LatencyProxy, simulated_step  # noqa: E402
 from bench_serving import DATASET, build_store, lopd_serve, parse_range  # noqa: E402
 
@@ -98,11 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in DEFAULTS.items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value), help=f"default {value}")
     p.add_argument("--store", type=Path, help="reuse (or build once into) this store directory")
-    args = p.parse_args(argv)
-    for key, value in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, QUICK.get(key, value) if args.quick else value)
-    return args
+    return parse_with_defaults(p, argv, DEFAULTS, QUICK)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,7 +46,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from _common import print_table, timed, write_json  # noqa: E402
+from _common import parse_with_defaults, print_table, timed, write_json  # noqa: E402
 from bench_serving import DATASET, build_store, cpu_seconds, free_port  # noqa: E402
 
 TOKEN = "bench-load-token-0123456789"
@@ -329,11 +329,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slow", type=int, help=f"slowloris connections in the hostile row (default {DEFAULTS['slow']})")
     p.add_argument("--prompt-len", help=f"prompt tokens, 'lo,hi' (default {DEFAULTS['prompt_len']})")
     p.add_argument("--response-len", help=f"response tokens, 'lo,hi' (default {DEFAULTS['response_len']})")
-    args = p.parse_args(argv)
-    for key, value in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, QUICK.get(key, value) if args.quick else value)
-    return args
+    return parse_with_defaults(p, argv, DEFAULTS, QUICK)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, print_table, quiet_offline, timed, timed_cpu, write_json  # noqa: E402
+from _common import median, parse_with_defaults, print_table, quiet_offline, timed, timed_cpu, write_json  # noqa: E402
 from _precompute_memory import bench_memory  # noqa: E402
 from _precompute_storage import bench_storage  # noqa: E402
 from _synthetic import ID_RANGE, rollout_lengths, write_rollouts_jsonl  # noqa: E402
@@ -347,10 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mem-seq-len", type=int, help=f"tokens per sequence (default {DEFAULTS['mem_seq_len']})")
     g = p.add_argument_group("storage")
     g.add_argument("--storage-samples", type=int, help=f"samples (default {DEFAULTS['storage_samples']})")
-    args = p.parse_args(argv)
-    for key, value in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, QUICK.get(key, value) if args.quick else value)
+    args = parse_with_defaults(p, argv, DEFAULTS, QUICK)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SECTIONS)
     if unknown:

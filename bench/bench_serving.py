@@ -45,7 +45,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from _common import print_table, timed, write_json  # noqa: E402
+from _common import parse_with_defaults, print_table, timed, write_json  # noqa: E402
 from _synthetic import trained_teacher_logprobs, zipf_ids  # noqa: E402
 
 DATASET = "bench"
@@ -386,11 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--row-group-samples", type=int, help="experiment: row groups of this many samples (default: the store's)"
     )
     p.add_argument("--store", type=Path, help="reuse (or build once into) this store directory instead of a temp one")
-    args = p.parse_args(argv)
-    for key, value in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, QUICK.get(key, value) if args.quick else value)
-    return args
+    return parse_with_defaults(p, argv, DEFAULTS, QUICK)
 
 
 def main(argv: list[str] | None = None) -> None:
