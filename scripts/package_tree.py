@@ -35,4 +35,6 @@ def build(dest: Path) -> Path:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        sys.exit(__doc__)
     print(build(Path(sys.argv[1])))

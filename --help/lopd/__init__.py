@@ -1,1 +1,0 @@
-/work/main/lopd/__init__.py

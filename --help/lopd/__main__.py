@@ -1,1 +1,0 @@
-/work/main/lopd/__main__.py

@@ -1,1 +1,0 @@
-/work/main/lopd/http_contract.py

@@ -1,1 +1,0 @@
-/work/main/lopd/stats_text.py
