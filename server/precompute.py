@@ -36,13 +36,14 @@ from lopd.fingerprint import (
 from lopd.storage import layout
 from lopd.storage.faults import store_fault
 from lopd.storage.layout import StorePath
-from lopd.storage.manifest import Consistency, Manifest, ModelRef, Provenance, RolloutSource
+from lopd.storage.manifest import Consistency, Manifest, ModelRef, Provenance, RolloutSource, Sampling
 from lopd.storage.publish import find_published_run
 from lopd.storage.schema import FORMAT_VERSION, build_table
 from lopd.storage.staging import RunPlan
 from lopd.storage.writer import RunWriter
 
 from .rollouts import RolloutScan, expand_rollout_paths, load_rollouts, scan_rollouts
+from .sample import sampling_of_inputs
 from .teachers import DEFAULT_BACKEND, BackendField, ScoringJob
 from .teachers.base import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -51,6 +52,7 @@ from .teachers.base import (
     MaxBatchSize,
     MaxBatchTokens,
     Temperature,
+    TopK,
     config_context_length,
 )
 
@@ -77,6 +79,7 @@ class PrecomputeConfig(LopdSettings):
         DEFAULT_BACKEND, validate_default=True, description="Teacher backend and its options."
     )
     temperature: Temperature = DEFAULT_TEMPERATURE
+    top_k: TopK = 0
     allow_teacher_mismatch: bool = Field(
         False, description="Build even if the teacher is not the SFT-data teacher (marked inconsistent)."
     )
@@ -84,9 +87,15 @@ class PrecomputeConfig(LopdSettings):
         None, description="The sampling policy: computes rollout_logprobs where records lack them."
     )
     rollout_tokenizer: str | None = Field(
-        None, description="Tokenizer (directory or fingerprint) the rollouts were sampled with."
+        None,
+        description="Tokenizer (directory or fingerprint) the rollouts were sampled with "
+        "(default: the one `lopd sample` recorded in its output).",
     )
-    rollout_temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollout policy.")
+    rollout_temperature: float | None = Field(
+        None,
+        gt=0,
+        description="Sampling temperature of the rollout policy (default: the one `lopd sample` recorded, else 1).",
+    )
     num_workers: int = Field(1, ge=1, description="Number of workers splitting the job (each runs this command).")
     worker_index: int = Field(0, ge=0, description="This worker's index, 0..num_workers-1.")
     on_bad_record: Literal["stop", "skip"] = Field(
@@ -107,12 +116,13 @@ class PrecomputeConfig(LopdSettings):
             raise ValueError(f"--worker-index must be in 0..{self.num_workers - 1} (got {self.worker_index})")
         return self
 
-    def job(self, temperature: float | None = None) -> ScoringJob:
-        """What every teacher this run loads is asked: the scoring temperature and the batch budgets."""
+    def job(self, temperature: float | None = None, top_k: int | None = None) -> ScoringJob:
+        """What every teacher this run loads is asked: the temperature, the top K and the batch budgets."""
         return ScoringJob(
             temperature=self.temperature if temperature is None else temperature,
             max_batch_tokens=self.max_batch_tokens,
             max_batch_size=self.max_batch_size,
+            top_k=self.top_k if top_k is None else top_k,
         )
 
 
@@ -143,9 +153,11 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         )
     if not consistent:
         notices.append("teacher mismatch allowed: the dataset is marked INCONSISTENT in its manifest")
+    sampling = sampling_of_inputs(cfg.rollouts)
+    rollout_temperature = _rollout_temperature(cfg, sampling)
     tokenizer = _load_tokenizer(cfg.teacher)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    rollout_tok_fp = _rollout_tokenizer_fingerprint(cfg)
+    rollout_tok_fp = _rollout_tokenizer_fingerprint(cfg, sampling)
     if rollout_tok_fp is not None and rollout_tok_fp != tok_fp:
         raise TokenizerMismatch(
             f"the rollouts' tokenizer ({short_fingerprint(rollout_tok_fp)}) differs from the teacher's "
@@ -193,7 +205,9 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         )
 
     # 3. The plan: a function of the inputs and settings only.
-    provenance = _provenance(cfg, scan, teacher_fp, sft_fp, tok_fp, rollout_tok_fp, consistent)
+    provenance = _provenance(
+        cfg, scan, teacher_fp, sft_fp, tok_fp, rollout_tok_fp, consistent, sampling, rollout_temperature
+    )
     run_key = _run_key(cfg, provenance)
     with _operator_faults(cfg.store):
         published = find_published_run(cfg.store, cfg.dataset, run_key)
@@ -269,7 +283,7 @@ def _score_parts(
         raise TeacherMismatch(f"{cfg.teacher} changed on disk while the job was starting; run it again")
     policy = None
     if cfg.rollout_policy is not None and not all(r.has_rollout_logprobs for r in scan.records):
-        policy = cfg.backend.load(cfg.rollout_policy, cfg.job(cfg.rollout_temperature))
+        policy = cfg.backend.load(cfg.rollout_policy, cfg.job(plan.provenance.rollout_temperature, top_k=0))
     todo_samples = sum(plan.parts[i].num_samples for i in todo)
     bar = tqdm(
         total=my_samples,
@@ -286,8 +300,15 @@ def _score_parts(
             rollouts = load_rollouts(scan, refs, tokenizer)
             prompts = [r.prompt_ids for r in rollouts]
             responses = [r.response_ids for r in rollouts]
+            topk_ids: list[np.ndarray] | None = None
+            topk_lps: list[np.ndarray] | None = None
             try:
-                teacher_lp = teacher.score(prompts, responses)
+                if cfg.top_k:
+                    scored = teacher.score_topk(prompts, responses)
+                    teacher_lp = [s.logprobs for s in scored]
+                    topk_ids, topk_lps = [s.ids for s in scored], [s.topk_logprobs for s in scored]
+                else:
+                    teacher_lp = teacher.score(prompts, responses)
             except TeacherServerError as e:  # raised before write_part: this part stays missing, to redo on resume
                 if e.record is None:
                     raise
@@ -297,7 +318,9 @@ def _score_parts(
             if policy is not None and need:
                 for k, lp in zip(need, policy.score([prompts[k] for k in need], [responses[k] for k in need])):
                     rollout_lp[k] = lp
-            table = build_table([r.id for r in rollouts], prompts, responses, teacher_lp, rollout_lp)
+            table = build_table(
+                [r.id for r in rollouts], prompts, responses, teacher_lp, rollout_lp, topk_ids, topk_lps
+            )
             run.write_part(index, table)
             tokens += sum(len(r) for r in responses)
             bar.update(len(rollouts))
@@ -330,18 +353,47 @@ def _max_context(model_dir: Path) -> int:
     raise InvalidInput(f"cannot tell the context length of {model_dir} from its config.json")
 
 
-def _rollout_tokenizer_fingerprint(cfg: PrecomputeConfig) -> str | None:
+def _rollout_tokenizer_fingerprint(cfg: PrecomputeConfig, sampling: Sampling | None) -> str | None:
+    """The rollouts' tokenizer: as declared, else as `lopd sample` recorded it, else the policy's; None if unknown."""
+    declared: str | None = None
     if cfg.rollout_tokenizer is not None:
         if is_fingerprint(cfg.rollout_tokenizer):
-            return cfg.rollout_tokenizer
-        if not Path(cfg.rollout_tokenizer).is_dir():
+            declared = cfg.rollout_tokenizer
+        elif not Path(cfg.rollout_tokenizer).is_dir():
             raise InvalidInput(
                 f"--rollout-tokenizer {cfg.rollout_tokenizer} is neither a tokenizer directory nor a fingerprint"
             )
-        return tokenizer_fingerprint(cfg.rollout_tokenizer)
+        else:
+            declared = tokenizer_fingerprint(cfg.rollout_tokenizer)
+    if sampling is not None:
+        if declared is not None and declared != sampling.tokenizer_fingerprint:
+            raise TokenizerMismatch(
+                f"--rollout-tokenizer ({short_fingerprint(declared)}) is not the tokenizer `lopd sample` recorded "
+                f"for these rollouts ({short_fingerprint(sampling.tokenizer_fingerprint)}); leave the flag out"
+            )
+        if cfg.rollout_policy is not None and model_fingerprint(cfg.rollout_policy) != sampling.policy.fingerprint:
+            raise InvalidInput(
+                f"--rollout-policy {cfg.rollout_policy} is not the policy that sampled these rollouts "
+                f"({sampling.policy.name_or_path}, {short_fingerprint(sampling.policy.fingerprint)}); leave it out"
+            )
+        return sampling.tokenizer_fingerprint
+    if declared is not None:
+        return declared
     if cfg.rollout_policy is not None:
         return tokenizer_fingerprint(str(cfg.rollout_policy))
     return None
+
+
+def _rollout_temperature(cfg: PrecomputeConfig, sampling: Sampling | None) -> float:
+    """The temperature the rollouts' log-probs are (or will be) at: `lopd sample`'s, else the flag's, else 1."""
+    if sampling is None:
+        return cfg.rollout_temperature if cfg.rollout_temperature is not None else 1.0
+    if cfg.rollout_temperature is not None and cfg.rollout_temperature != sampling.temperature:
+        raise InvalidInput(
+            f"--rollout-temperature {cfg.rollout_temperature} differs from the temperature these rollouts were "
+            f"sampled at ({sampling.temperature}, recorded by `lopd sample`); leave the flag out"
+        )
+    return sampling.temperature
 
 
 def _model_ref(path: Path, fingerprint: str) -> ModelRef:
@@ -358,6 +410,8 @@ def _provenance(
     tok_fp: str,
     rollout_tok_fp: str | None,
     consistent: bool,
+    sampling: Sampling | None,
+    rollout_temperature: float,
 ) -> Provenance:
     with_lp = sum(r.has_rollout_logprobs for r in scan.records)
     if with_lp == len(scan.records):
@@ -367,6 +421,9 @@ def _provenance(
     else:
         source = "none" if with_lp == 0 else "mixed"
     policy = _model_ref(cfg.rollout_policy, model_fingerprint(cfg.rollout_policy)) if cfg.rollout_policy else None
+    if policy is None and sampling is not None:
+        policy = sampling.policy
+    computed = source in ("rollout_policy", "mixed") and cfg.rollout_policy is not None
     return Provenance(
         teacher=_model_ref(cfg.teacher, teacher_fp),
         tokenizer_fingerprint=tok_fp,
@@ -375,13 +432,14 @@ def _provenance(
         rollout_policy=policy,
         rollout_tokenizer_fingerprint=rollout_tok_fp,
         rollout_logprobs_source=source,
-        rollout_temperature=cfg.rollout_temperature if source in ("rollout_policy", "mixed") and policy else None,
+        rollout_temperature=rollout_temperature if computed or sampling is not None else None,
         rollouts=RolloutSource(
             paths=[str(p) for p in scan.paths],
             fingerprint=scan.input_fingerprint,
             records=scan.total,
             retokenized=scan.retokenized,
         ),
+        sampling=sampling,
         backend=cfg.backend.name,
         dtype=cfg.backend.precision(),
         temperature=cfg.temperature,
@@ -391,6 +449,7 @@ def _provenance(
             rollout_tokenizer_checked=rollout_tok_fp is not None,
         ),
         tool_version=lopd.__version__,
+        top_k=cfg.top_k,
     )
 
 
@@ -417,4 +476,8 @@ def _run_key(cfg: PrecomputeConfig, prov: Provenance) -> str:
         "samples_per_part": cfg.samples_per_part,
         "mismatch_allowed": cfg.allow_teacher_mismatch,
     }
+    if prov.sampling is not None:  # only then, so that runs of plain rollouts keep their keys
+        key["sampling"] = prov.sampling.model_dump(exclude={"policy": {"name_or_path"}})
+    if cfg.top_k:  # likewise: runs without top-k keep their keys
+        key["top_k"] = cfg.top_k
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

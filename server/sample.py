@@ -39,6 +39,7 @@ from lopd.errors import InvalidInput
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lopd.server.sampling import Sampled, load_sampler
 from lopd.storage.atomic import atomic_write_bytes
+from lopd.storage.manifest import ModelRef, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,63 @@ def read_sampling(out: str | Path) -> dict[str, Any] | None:
     """What `_sampling.json` in a `lopd sample` output directory records, or None where there is none."""
     path = Path(out) / SAMPLING_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# What every sample directory read by one precompute must share (prompts may differ).
+SHARED_BY_INPUTS = ("policy_fingerprint", "tokenizer_fingerprint", "backend", "dtype", "n", "temperature", "top_p",
+                    "max_tokens", "seed")  # fmt: skip
+
+
+def sampling_of_inputs(paths: list[Path]) -> Sampling | None:
+    """How the `lopd sample` outputs among `paths` were sampled, for the store's provenance; None if none is one.
+
+    Refuses, naming the fix: a sample directory with parts still missing (some worker has not
+    finished; its rollouts would be silently partial), a rollout file of a sample directory named
+    alone (its settings would be lost), and sample directories or plain rollouts mixed with
+    directories of other settings (one store records one sampling).
+    """
+    plans: list[tuple[Path, dict[str, Any]]] = []
+    plain: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        plan = read_sampling(path) if path.is_dir() else None
+        if plan is None and path.is_file() and read_sampling(path.parent) is not None:
+            raise InvalidInput(
+                f"{path} is one part of the `lopd sample` output {path.parent}: pass the directory, so that its "
+                "settings (policy, temperature) are checked and recorded"
+            )
+        if plan is None:
+            plain.append(path)
+            continue
+        missing = [k for k in range(plan["num_parts"]) if not (path / PART_NAME.format(k)).is_file()]
+        if missing:
+            shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+            raise InvalidInput(
+                f"the `lopd sample` output {path} is incomplete: {len(missing)} of {plan['num_parts']} parts are "
+                f"missing ({shown}). Run `lopd sample` again (every worker) until it reports all parts, then precompute"
+            )
+        plans.append((path, plan))
+    if not plans:
+        return None
+    if plain:
+        raise InvalidInput(
+            f"{', '.join(map(str, plain))} did not come from `lopd sample`, unlike {plans[0][0]}: score them "
+            "in another store, so that its provenance says how every rollout was sampled"
+        )
+    first_dir, first = plans[0]
+    for path, plan in plans[1:]:
+        differs = [k for k in SHARED_BY_INPUTS if plan.get(k) != first.get(k)]
+        if differs:
+            raise InvalidInput(
+                f"{path} and {first_dir} were sampled with different settings ({', '.join(differs)}): "
+                "score them into separate datasets"
+            )
+    return Sampling(
+        policy=ModelRef(name_or_path=first["policy"], fingerprint=first["policy_fingerprint"]),
+        tokenizer_fingerprint=first["tokenizer_fingerprint"],
+        **{k: first[k] for k in ("backend", "dtype", "n", "temperature", "top_p", "max_tokens", "seed")},
+        prompts_fingerprints=[plan["prompts_fingerprint"] for _, plan in plans],
+    )
 
 
 def _check_or_write_plan(out: Path, plan: dict[str, Any]) -> None:

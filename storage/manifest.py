@@ -9,7 +9,6 @@ data, which tokenizer gives the ids their meaning, which policy sampled the roll
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lopd.errors import Corrupt
 
 from .atomic import atomic_write_bytes
+from .fs import StoreDir
 from .schema import FORMAT_VERSION
 
 # The fingerprint recorded for a model the store cannot name (an import without --teacher-fingerprint or
@@ -46,6 +46,26 @@ class RolloutSource(_Model):
     retokenized: int = Field(
         description="Valid records given as text and tokenized here (ids may differ from sampled)."
     )
+
+
+class Sampling(_Model):
+    """How the rollouts were sampled, as `lopd sample` recorded it in its output's `_sampling.json`.
+
+    Recorded so that a store says which policy drew its tokens and at which settings, and so that
+    its `rollout_logprobs` can be read correctly: they are the processed log-probs at `temperature`
+    and `top_p` (the distribution each token was drawn from).
+    """
+
+    policy: ModelRef = Field(description="The policy that sampled the rollouts (the SFT student).")
+    tokenizer_fingerprint: str = Field(description="Fingerprint of the policy's tokenizer.")
+    backend: str = Field(description="Sampling engine (transformers or vllm).")
+    dtype: str
+    n: int = Field(description="Samples per prompt.")
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+    prompts_fingerprints: list[str] = Field(description="sha256 of each sample directory's tokenized prompts.")
 
 
 class Consistency(_Model):
@@ -80,11 +100,22 @@ class Provenance(_Model):
         default=None, description="Sampling temperature used when computing rollout log-probs with the policy."
     )
     rollouts: RolloutSource
+    sampling: Sampling | None = Field(
+        default=None, description="How the rollouts were sampled, when they came from `lopd sample`."
+    )
     backend: str
     dtype: str
     temperature: float = Field(description="Scoring temperature: log_softmax(logits / temperature).")
     consistency: Consistency
     tool_version: str
+    top_k: int = Field(
+        default=0,
+        ge=0,
+        description="K of the stored `teacher_topk_ids` / `teacher_topk_logprobs` (the teacher's K most likely "
+        "next tokens at each response position); 0: not stored. Left out of the JSON when 0, so manifests of "
+        "stores without top-k keep their exact form.",
+        exclude_if=lambda k: k == 0,
+    )
 
     @property
     def provenance_known(self) -> bool:
@@ -149,11 +180,16 @@ def now_utc() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
-def write_manifest(path: Path, manifest: Manifest) -> None:
-    atomic_write_bytes(path, manifest.model_dump_json(indent=2).encode() + b"\n")
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """The bytes of `manifest.json` for `manifest`."""
+    return manifest.model_dump_json(indent=2).encode() + b"\n"
 
 
-def read_manifest(path: Path) -> Manifest:
+def write_manifest(path: StoreDir, manifest: Manifest) -> None:
+    atomic_write_bytes(path, manifest_bytes(manifest))
+
+
+def read_manifest(path: StoreDir) -> Manifest:
     try:
         manifest = Manifest.model_validate_json(path.read_bytes())
     except (ValidationError, ValueError) as e:

@@ -34,8 +34,8 @@ def _sample(cfg: SampleConfig) -> None:
         typer.echo(
             f"sampled: {result.out} is complete ({result.parts_sampled} parts, {result.samples_written} samples "
             f"written now). Score it with: lopd precompute {result.out} --teacher TEACHER --sft-teacher TEACHER "
-            f"--store STORE --dataset NAME --rollout-tokenizer {plan.get('tokenizer_fingerprint')} "
-            f"--rollout-temperature {plan.get('temperature')}"
+            f"--store STORE --dataset NAME (it reads the policy, tokenizer and "
+            f"temperature {plan.get('temperature')} from {result.out}/_sampling.json)"
         )
 
 

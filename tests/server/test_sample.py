@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from lopd.errors import InvalidInput
+from lopd.errors import InvalidInput, TokenizerMismatch
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lopd.server.precompute import PrecomputeConfig, run_precompute
 from lopd.server.sample import SAMPLING_FILE, SampleConfig, read_sampling, run_sample
@@ -158,20 +158,57 @@ def test_bad_prompts_are_refused_before_sampling(tmp_path: Path, policy_dir: Pat
 
 
 def test_the_output_feeds_precompute_unchanged(tmp_path: Path, policy_dir: Path, tiny_llama_dir: Path) -> None:
+    """No re-typing: precompute takes the tokenizer, the policy and the temperature from `_sampling.json`."""
     run_sample(_cfg(tmp_path, policy_dir))
     plan = read_sampling(tmp_path / "out")
     assert plan is not None and (tmp_path / "out" / SAMPLING_FILE).is_file()
-    result = run_precompute(PrecomputeConfig(
-        rollouts=[tmp_path / "out"], teacher=tiny_llama_dir, sft_teacher=str(tiny_llama_dir), store=tmp_path / "s",
-        dataset="ds", rollout_tokenizer=plan["tokenizer_fingerprint"], progress=False,
-    ))  # fmt: skip
+    result = run_precompute(_precompute(tmp_path, tiny_llama_dir, [tmp_path / "out"]))
     assert result.status == "published" and result.manifest is not None and result.manifest.num_samples == 10
+    prov = result.manifest.provenance
+    assert prov.consistency.rollout_tokenizer_checked and prov.rollout_tokenizer_fingerprint == plan[
+        "tokenizer_fingerprint"] == tokenizer_fingerprint(str(policy_dir))  # fmt: skip
+    assert prov.rollout_policy is not None and prov.rollout_policy.fingerprint == model_fingerprint(policy_dir)
+    assert prov.rollout_logprobs_source == "input" and prov.rollout_temperature == 0.8
+    assert prov.sampling is not None and (prov.sampling.temperature, prov.sampling.n, prov.sampling.top_p) == (
+        0.8, 2, 1.0)  # fmt: skip
+    assert prov.sampling.prompts_fingerprints == [plan["prompts_fingerprint"]]
     table = Store(tmp_path / "s").open("ds").read_all()
     samples = {s["id"]: s for s in _samples(tmp_path / "out")}
     for sid, ids, lps in zip(table["sample_id"].to_pylist(), table["response_ids"].to_pylist(),
                              table["rollout_logprobs"].to_pylist()):  # fmt: skip
         assert ids == samples[sid]["response_ids"]
         np.testing.assert_array_equal(np.float32(lps), np.float32(samples[sid]["rollout_logprobs"]))
+    # Flags that contradict the record are refused rather than silently preferred.
+    for flags, message in (
+        ({"rollout_temperature": 1.0}, "--rollout-temperature 1.0 differs from the temperature these rollouts"),
+        ({"rollout_tokenizer": "sha256:" + "0" * 64}, "is not the tokenizer `lopd sample` recorded"),
+        ({"rollout_policy": tiny_llama_dir}, "is not the policy that sampled these rollouts"),
+    ):
+        with pytest.raises((InvalidInput, TokenizerMismatch), match=message):
+            run_precompute(_precompute(tmp_path, tiny_llama_dir, [tmp_path / "out"], store="s2", **flags))
+
+
+def test_incomplete_or_mixed_sample_outputs_are_refused(tmp_path: Path, policy_dir: Path, tiny_llama_dir: Path) -> None:
+    run_sample(_cfg(tmp_path, policy_dir, num_workers=2, worker_index=0))  # parts 0 and 2 of 3: worker 1 owes part 1
+    out = tmp_path / "out"
+    with pytest.raises(InvalidInput, match=r"out is incomplete: 1 of 3 parts are missing \(1\)\. Run `lopd sample`"):
+        run_precompute(_precompute(tmp_path, tiny_llama_dir, [out]))
+    run_sample(_cfg(tmp_path, policy_dir, num_workers=2, worker_index=1))
+    with pytest.raises(InvalidInput, match="part-00000.jsonl is one part of the `lopd sample` output"):
+        run_precompute(_precompute(tmp_path, tiny_llama_dir, [out / "part-00000.jsonl"]))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text((out / "part-00000.jsonl").read_text().replace('"chat/', '"other/').replace('"text/', '"t/'))
+    with pytest.raises(InvalidInput, match="did not come from `lopd sample`"):
+        run_precompute(_precompute(tmp_path, tiny_llama_dir, [out, plain]))
+    run_sample(_cfg(tmp_path, policy_dir, out="hot", temperature=1.2))
+    with pytest.raises(InvalidInput, match="were sampled with different settings \\(temperature\\)"):
+        run_precompute(_precompute(tmp_path, tiny_llama_dir, [out, tmp_path / "hot"]))
+    assert not (tmp_path / "s").exists()  # nothing was written by any refusal
+
+
+def _precompute(tmp_path: Path, teacher: Path, rollouts: list[Path], store: str = "s", **kw: Any) -> PrecomputeConfig:
+    return PrecomputeConfig(rollouts=rollouts, teacher=teacher, sft_teacher=str(teacher), store=tmp_path / store,
+                            dataset="ds", progress=False, **kw)  # fmt: skip
 
 
 # ------------------------------------------------------------------ vLLM, and the chain to training
@@ -212,13 +249,16 @@ def test_vllm_sample_precompute_serve_train(tmp_path: Path, policy_dir: Path, po
     store = tmp_path / "store"
     precompute = ["precompute", str(out), "--teacher", str(teacher), "--sft-teacher", str(teacher), "--store",
                   str(store), "--dataset", "sampled", "--backend", "vllm", "--dtype", "float32",
-                  "--rollout-tokenizer", str(policy_dir), "--no-progress"]  # fmt: skip
+                  "--no-progress"]  # fmt: skip
     with (tmp_path / "precompute.log").open("wb") as log:
         proc = subprocess.run(lopd_command(python, *precompute), env=vllm_env(), stdout=log, stderr=subprocess.STDOUT,
                               timeout=900)  # fmt: skip
     assert proc.returncode == 0, tail(tmp_path / "precompute.log")
     manifest = Store(store).open("sampled").manifest
     assert manifest.num_samples == 16 and manifest.provenance.backend == "vllm"
+    sampling = manifest.provenance.sampling  # taken from `lopd sample`'s record, not re-typed
+    assert sampling is not None and sampling.backend == "vllm" and sampling.temperature == 0.8
+    assert manifest.provenance.consistency.rollout_tokenizer_checked
     with serve_in_background(ServerSettings(store=store)) as server:
         run = CliRunner().invoke(app, [
             "train", "--url", server.base_url, "--dataset", "sampled", "--student", str(policy_dir), "--out",
