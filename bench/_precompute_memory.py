@@ -45,12 +45,14 @@ def _worker(argv: list[str]) -> None:
     import torch
 
     p = argparse.ArgumentParser()
-    p.add_argument("variant", choices=("naive", "chunked"))
+    p.add_argument("variant", choices=("naive", "chunked", "chunked-topk"))
     p.add_argument("model_dir")
     p.add_argument("out")
     p.add_argument("--seqs", type=int, required=True)
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="chunked-topk: K")
+    p.add_argument("--head-chunk-bytes", type=int, default=256 * 2**20)
     args = p.parse_args(argv)
     quiet_offline()
 
@@ -76,10 +78,16 @@ def _worker(argv: list[str]) -> None:
     else:
         from lopd.server.teachers.transformers_backend import TransformersTeacher
 
-        teacher = TransformersTeacher(args.model_dir, max_batch_tokens=full.numel(), max_batch_size=args.seqs)
+        top_k = args.top_k if args.variant == "chunked-topk" else 0
+        teacher = TransformersTeacher(
+            args.model_dir, max_batch_tokens=full.numel(), max_batch_size=args.seqs, top_k=top_k,
+            head_chunk_bytes=args.head_chunk_bytes,
+        )  # fmt: skip
         chunk = teacher.head_chunk_bytes
 
         def run() -> np.ndarray:
+            if top_k:  # the sampled tokens' log-probs, to compare; the top-k arrays are held until the end
+                return np.concatenate([s.logprobs for s in teacher.score_topk(prompts, responses)])
             return np.concatenate(teacher.score(prompts, responses))
 
     gc.collect()

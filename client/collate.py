@@ -25,7 +25,15 @@ import numpy as np
 import pyarrow as pa
 
 from lopd.arrow import list_column
-from lopd.http_contract import PROMPT_IDS, RESPONSE_IDS, ROLLOUT_LOGPROBS, SAMPLE_ID, TEACHER_LOGPROBS
+from lopd.http_contract import (
+    PROMPT_IDS,
+    RESPONSE_IDS,
+    ROLLOUT_LOGPROBS,
+    SAMPLE_ID,
+    TEACHER_LOGPROBS,
+    TEACHER_TOPK_IDS,
+    TEACHER_TOPK_LOGPROBS,
+)
 
 from .errors import ProtocolError
 
@@ -65,6 +73,11 @@ def collate_arrays(
     and 0 for rows without rollout log-probs), `has_rollout_logprobs` [B] bool,
     `prompt_lengths` / `response_lengths` [B] int64, `sample_id` (list of str) and, when given,
     `index` [B] int64 (dataset indices).
+
+    When the rows hold the teacher's top-k (a fetch with the `TOPK_COLUMNS`), also
+    `teacher_topk_ids` [B, T, K] int64 and `teacher_topk_logprobs` [B, T, K] float32, aligned like
+    `teacher_logprobs`: at [b, t] the teacher's K most likely tokens for position t (predicted from
+    the tokens before it), by descending log-prob; 0 at positions that are not response tokens.
     """
     b = table.num_rows
     if b == 0:
@@ -108,9 +121,27 @@ def collate_arrays(
         "response_lengths": r_len,
         "sample_id": table.column(SAMPLE_ID).to_pylist(),
     }
+    if TEACHER_TOPK_IDS in table.column_names:
+        batch[TEACHER_TOPK_IDS], batch[TEACHER_TOPK_LOGPROBS] = _collate_topk(table, r_len, p_len, t)
     if indices is not None:
         batch["index"] = np.asarray(indices, dtype=np.int64)
     return batch
+
+
+def _collate_topk(table: pa.Table, r_len: np.ndarray, p_len: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, T, K] top-k ids and log-probs, row b's response position j at column p_len[b] + j."""
+    ids, lps = list_column(table[TEACHER_TOPK_IDS]), list_column(table[TEACHER_TOPK_LOGPROBS])
+    if not np.array_equal(ids.lengths, lps.lengths):
+        raise ProtocolError("a row's top-k ids and log-probs differ in number")
+    k = int(ids.lengths[0] // max(int(r_len[0]), 1))
+    if k < 1 or not np.array_equal(ids.lengths, r_len * k):
+        raise ProtocolError("the rows' top-k columns do not hold K values per response token for one K")
+    b = len(r_len)
+    out_ids = np.zeros((b, t, k), dtype=np.int64)
+    out_lps = np.zeros((b, t, k), dtype=np.float32)
+    _scatter_rows(out_ids, r_len, ids.flat().reshape(-1, k), p_len)
+    _scatter_rows(out_lps, r_len, lps.flat().reshape(-1, k), p_len)
+    return out_ids, out_lps
 
 
 def to_torch(batch: dict[str, Any], *, pin_memory: bool = False) -> dict[str, Any]:

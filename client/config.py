@@ -13,6 +13,10 @@ from pydantic import Field, field_validator
 
 from lopd.config import LopdSettings
 
+# The losses on the teacher's stored top-k (`lopd.client.topk_loss`), and every loss `--loss` takes.
+TopKLoss = Literal["forward-kl-topk", "reverse-kl-topk", "jsd-topk"]
+LossName = Literal["lightning-opd", TopKLoss]
+
 
 class TrainConfig(LopdSettings):
     """Everything a run depends on; saved in every checkpoint."""
@@ -97,6 +101,15 @@ class TrainConfig(LopdSettings):
         "rollout", description="PPO ratio against the rollout policy (stored log-probs) or the current policy."
     )
     normalize: Literal["token", "sequence"] = Field("token", description="Loss mean over tokens or over sequences.")
+    # lightning-opd needs only the sampled token's teacher log-prob; the others read the teacher's stored
+    # top-k (a dataset built with `lopd precompute --top-k K`) and fetch it: K more ids and floats a token.
+    loss: LossName = Field(
+        "lightning-opd",
+        description="lightning-opd (policy gradient on the teacher's log-prob of each sampled token), or a "
+        "distillation loss on the teacher's stored top-k: forward-kl-topk (verl's), reverse-kl-topk, jsd-topk "
+        "(GKD's generalised JSD). The top-k ones need a dataset built with --top-k.",
+    )
+    jsd_beta: float = Field(0.5, ge=0, le=1, description="jsd-topk's beta (0: forward KL, 1: reverse KL).")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (out/tensorboard).")
     wandb: bool = Field(False, description="Also log to Weights & Biases.")
     wandb_project: str = Field("lightning-opd", description="Weights & Biases project.")

@@ -9,7 +9,7 @@ and the exclusion is part of the loader's resume state.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,9 +40,15 @@ class HeldOut:
     """The held-out samples as collated batches, fetched from the server once, on first use."""
 
     def __init__(
-        self, client: StoreClient, info: DatasetInfo, indices: np.ndarray, batch_size: int, pad_id: int
+        self,
+        client: StoreClient,
+        info: DatasetInfo,
+        indices: np.ndarray,
+        batch_size: int,
+        pad_id: int,
+        columns: Sequence[str] | None = None,
     ) -> None:
-        self.client, self.info, self.indices = client, info, indices
+        self.client, self.info, self.indices, self.columns = client, info, indices, columns
         self.batch_size, self.pad_id = batch_size, pad_id
         self._batches: list[dict[str, Any]] | None = None
 
@@ -52,8 +58,9 @@ class HeldOut:
             for s in range(0, len(self.indices), self.batch_size):
                 chunk = self.indices[s : s + self.batch_size]
                 table = self.client.fetch(
-                    self.info.name, chunk, self.info.version, expected_content_hash=self.info.content_hash
-                )
+                    self.info.name, chunk, self.info.version, expected_content_hash=self.info.content_hash,
+                    columns=self.columns,
+                )  # fmt: skip
                 self._batches.append(collate_batch(table, pad_id=self.pad_id, indices=chunk))
         return self._batches
 

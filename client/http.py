@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import httpx
@@ -31,6 +31,8 @@ from lopd.http_contract import (
     MAX_BATCH_INDICES,
     READYZ_PATH,
     BatchRequest,
+    Column,
+    served_columns,
 )
 from lopd.retry import RetryPolicy
 
@@ -182,13 +184,25 @@ class StoreClient:
         return [idx[i : i + step] for i in range(0, len(idx), step)] or [[]]
 
     def _batch(
-        self, name: str, chunk: list[int], version: int | None, accept: str, cancel: threading.Event | None = None
+        self,
+        name: str,
+        chunk: list[int],
+        version: int | None,
+        accept: str,
+        cancel: threading.Event | None = None,
+        columns: Sequence[str] | None = None,
     ) -> httpx.Response:
-        body = BatchRequest.model_construct(indices=chunk, version=None if version is None else int(version))
+        selected = None if columns is None else cast(list[Column], list(columns))  # the server checks the names
+        body = BatchRequest.model_construct(
+            indices=chunk, version=None if version is None else int(version), columns=selected
+        )
+        payload = body.model_dump()
+        if columns is None:  # a request without `columns` is what every server version understands
+            del payload["columns"]
         return self.request(
             "POST",
             self._dataset_path(name, "/batch"),
-            json=body.model_dump(),
+            json=payload,
             headers={"Accept": accept},
             cancel=cancel,
         )
@@ -201,8 +215,12 @@ class StoreClient:
         *,
         expected_content_hash: str | None = None,
         cancel: threading.Event | None = None,
+        columns: Sequence[str] | None = None,
     ) -> pa.Table:
         """The samples at `indices`, in that order, as an Arrow table of the served columns.
+
+        `columns`: which columns (the contract's names; `sample_id` always comes), e.g.
+        `(*SERVED_COLUMNS, *TOPK_COLUMNS)` for the teacher's top-k; default `SERVED_COLUMNS`.
 
         The table's schema metadata records the dataset, version and content hash the server
         served (`payloads.META_*` keys). With `expected_content_hash`, a batch from other content
@@ -213,8 +231,8 @@ class StoreClient:
         tables: list[pa.Table] = []
         served: dict[bytes, bytes] = {}
         for chunk in self._chunks(indices):
-            resp = self._batch(name, chunk, version, ARROW_STREAM_MEDIA_TYPE, cancel)
-            table = read_batch(resp)
+            resp = self._batch(name, chunk, version, ARROW_STREAM_MEDIA_TYPE, cancel, columns)
+            table = read_batch(resp, served_columns(columns))
             meta = served_metadata(resp, name, version)
             if served and meta != served:
                 raise ProtocolError(f"parts of one fetch came from different versions: {served} and {meta}")

@@ -22,7 +22,7 @@ import importlib.util
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
@@ -98,6 +98,7 @@ class BatchSource:
         pad_id: int,
         pad_to_multiple_of: int | None,
         info: DatasetInfo | None,
+        columns: Sequence[str] | None = None,
     ) -> None:
         if num_epochs is not None and num_epochs < 1:
             raise ValueError(f"num_epochs is {num_epochs}; use at least 1, or None for no end")
@@ -108,6 +109,7 @@ class BatchSource:
                 f"the dataset info given is for {self.info.name!r} v{self.info.version}, not {dataset!r} v{version}"
             )
         self.num_epochs = num_epochs
+        self.columns = None if columns is None else tuple(columns)  # None: the contract's SERVED_COLUMNS
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.sampler = EpochSampler(
@@ -137,8 +139,9 @@ class BatchSource:
         time.sleep(0)
         epoch, k, indices = pos
         table = self.client.fetch(
-            self.info.name, indices, self.info.version, expected_content_hash=self.info.content_hash, cancel=stop
-        )
+            self.info.name, indices, self.info.version, expected_content_hash=self.info.content_hash, cancel=stop,
+            columns=self.columns,
+        )  # fmt: skip
         batch = collate_arrays(table, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of, indices=indices)
         if arrays == "torch":
             batch = to_torch(batch, pin_memory=pin_memory)
@@ -188,6 +191,7 @@ class OPDLoader(BatchSource):
         pin_memory: bool = False,
         arrays: Arrays | None = None,
         info: DatasetInfo | None = None,
+        columns: Sequence[str] | None = None,
     ) -> None:
         arrays = default_arrays() if arrays is None else arrays
         if arrays not in ("torch", "numpy"):
@@ -199,7 +203,7 @@ class OPDLoader(BatchSource):
         super().__init__(
             client, dataset, batch_size, seed=seed, rank=rank, world_size=world_size, version=version,
             drop_last=drop_last, shuffle=shuffle, num_epochs=num_epochs, pad_id=pad_id,
-            pad_to_multiple_of=pad_to_multiple_of, info=info,
+            pad_to_multiple_of=pad_to_multiple_of, info=info, columns=columns,
         )  # fmt: skip
         self.prefetch = prefetch
         self.pin_memory = pin_memory

@@ -80,3 +80,53 @@ def token_logprobs(
     targets = input_ids[:, 1:].to(device=logits.device, dtype=torch.long)
     scored = _TokenLogprob.apply(logits[:, :-1], targets, chunk, float(temperature))
     return torch.cat([first, scored], dim=1)
+
+
+class _GatherLogprobs(torch.autograd.Function):
+    """log_softmax(x)[ids] for K ids per position, by chunks of positions, in float32 (as `_TokenLogprob`)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+        b, n, _ = logits.shape
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        out = torch.empty((b, n, ids.shape[-1]), dtype=compute, device=logits.device)
+        lse = torch.empty((b, n), dtype=compute, device=logits.device)
+        for s in range(0, n, chunk):
+            x = logits[:, s : s + chunk].to(compute)
+            lse[:, s : s + chunk] = torch.logsumexp(x, dim=-1)
+            out[:, s : s + chunk] = x.gather(-1, ids[:, s : s + chunk]) - lse[:, s : s + chunk, None]
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        logits, ids, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[1], ctx.chunk):
+            x = logits[:, s : s + ctx.chunk].to(lse.dtype)
+            g_out = grad_out[:, s : s + ctx.chunk].to(lse.dtype)
+            # d/dx [x_i - logsumexp(x)] summed over the K ids: onehot(ids) . g - softmax(x) * sum(g).
+            g = torch.exp(x - lse[:, s : s + ctx.chunk, None]).mul_(-g_out.sum(dim=-1, keepdim=True))
+            g.scatter_add_(-1, ids[:, s : s + ctx.chunk], g_out)
+            grad[:, s : s + ctx.chunk] = g.to(grad.dtype)
+        return grad, None, None
+
+
+def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, *, chunk_tokens: int = 8192) -> torch.Tensor:
+    """The student's log-probs of K given tokens per position, aligned like the teacher's top-k.
+
+    `out[b, t, k] = log_softmax(logits[b, t - 1])[ids[b, t, k]]` for t >= 1 and 0 at t = 0: with
+    `ids = batch["teacher_topk_ids"]` it lines up with `batch["teacher_topk_logprobs"]`. Float32,
+    chunked like `token_logprobs` (no float32 copy of [B, T, V]), differentiable w.r.t. `logits`.
+    """
+    if logits.dim() != 3 or ids.dim() != 3 or ids.shape[:2] != logits.shape[:2]:
+        raise ValueError(f"logits {tuple(logits.shape)} and ids {tuple(ids.shape)} do not match")
+    b, t, _ = logits.shape
+    k = ids.shape[-1]
+    first = torch.zeros((b, 1, k), dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    if t < 2:
+        return first.expand(b, t, k).clone()
+    chunk = max(1, chunk_tokens // max(b, 1))
+    scored = _GatherLogprobs.apply(logits[:, :-1], ids[:, 1:].to(device=logits.device, dtype=torch.long), chunk)
+    return torch.cat([first, scored], dim=1)

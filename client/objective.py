@@ -9,12 +9,14 @@ settings it reads (clipping, importance weights, the ratio's reference, the norm
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
-from .logprobs import token_logprobs
+from .config import TopKLoss
+from .logprobs import gather_logprobs, token_logprobs
 from .loss import lightning_opd_loss
+from .topk_loss import topk_distillation_loss
 
 
 class LossSettings(Protocol):
@@ -43,13 +45,29 @@ def opd_batch_loss(
 
     `amp` is the forward's precision context (`student.autocast`; None: none); `token_count` the
     token mean's denominator (all micro-batches of the step on every rank, so that their losses
-    add up to the step's mean).
+    add up to the step's mean). `cfg.loss` (default lightning-opd) picks the loss; the top-k ones
+    read the batch's `teacher_topk_ids` / `teacher_topk_logprobs` (`topk_loss`).
     """
     with amp if amp is not None else nullcontext():
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
     # Outside autocast: the log-probs are gathered in float32 from the (bf16) logits, chunk by chunk,
     # so the advantage, the ratio and the loss are float32 whatever the forward's dtype is.
     student_lp = token_logprobs(logits, b["input_ids"])  # aligned with teacher_logprobs
+    kind = getattr(cfg, "loss", "lightning-opd")
+    if kind != "lightning-opd":
+        if "teacher_topk_ids" not in b:
+            raise ValueError(f"--loss {kind} needs the teacher's top-k in the batch: fetch it with the top-k columns")
+        return topk_distillation_loss(
+            cast(TopKLoss, kind),
+            gather_logprobs(logits, b["teacher_topk_ids"]),
+            b["teacher_topk_logprobs"],
+            b["response_mask"],
+            student_logprobs=student_lp,
+            teacher_logprobs=b["teacher_logprobs"],
+            beta=getattr(cfg, "jsd_beta", 0.5),
+            normalize=cfg.normalize,  # type: ignore[arg-type]
+            token_count=token_count if cfg.normalize == "token" else None,
+        )
     old = None
     if cfg.ratio_reference == "rollout":  # rows without rollout log-probs keep ratio 1
         has = b["has_rollout_logprobs"][:, None].expand_as(student_lp)

@@ -8,6 +8,8 @@ dataset, version and content hash the server said it served.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import httpx
 import pyarrow as pa
 
@@ -27,8 +29,8 @@ META_VERSION = b"lopd.version"
 META_CONTENT_HASH = b"lopd.content_hash"
 
 
-def read_batch(resp: httpx.Response) -> pa.Table:
-    """The served columns of an Arrow IPC batch answer; `ProtocolError` when it is anything else."""
+def read_batch(resp: httpx.Response, columns: Sequence[str] = SERVED_COLUMNS) -> pa.Table:
+    """The `columns` (what the request asked for) of an Arrow IPC batch answer; `ProtocolError` if it is not one."""
     ctype = resp.headers.get("content-type", "")
     if ARROW_STREAM_MEDIA_TYPE not in ctype:
         raise ProtocolError(f"expected {ARROW_STREAM_MEDIA_TYPE}, got {ctype!r}", url=str(resp.url))
@@ -37,10 +39,10 @@ def read_batch(resp: httpx.Response) -> pa.Table:
             table = reader.read_all()
     except (pa.ArrowInvalid, OSError) as e:
         raise ProtocolError(f"unreadable Arrow IPC stream: {e}", url=str(resp.url)) from e
-    missing = [c for c in SERVED_COLUMNS if c not in table.column_names]
+    missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise ProtocolError(f"the batch lacks columns {missing}", url=str(resp.url))
-    return table.select(list(SERVED_COLUMNS))
+    return table.select(list(columns))
 
 
 def served_metadata(resp: httpx.Response, name: str, version: int | None) -> dict[bytes, bytes]:

@@ -7,7 +7,7 @@ torch and prefetches in threads instead of worker processes.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
@@ -44,11 +44,12 @@ class OPDIterableDataset(BatchSource, IterableDataset):  # type: ignore[misc]
         pad_id: int = 0,
         pad_to_multiple_of: int | None = None,
         info: DatasetInfo | None = None,
+        columns: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             client, dataset, batch_size, seed=seed, rank=rank, world_size=world_size, version=version,
             drop_last=drop_last, shuffle=shuffle, num_epochs=num_epochs, pad_id=pad_id,
-            pad_to_multiple_of=pad_to_multiple_of, info=info,
+            pad_to_multiple_of=pad_to_multiple_of, info=info, columns=columns,
         )  # fmt: skip
         self.prefetch = prefetch
 

@@ -26,6 +26,7 @@ import torch
 from lopd._faults import crash_point
 from lopd.config import flag
 from lopd.errors import Conflict, InvalidInput, NotFound
+from lopd.http_contract import SERVED_COLUMNS, TOPK_COLUMNS
 
 from .config import TrainConfig
 from .consistency import check_dataset_for_training
@@ -182,6 +183,14 @@ def train_student(
     check_dataset_for_training(
         info, student_tokenizer=tokenizer, sft_teacher=cfg.sft_teacher, allow_inconsistent=cfg.allow_inconsistent
     )
+    columns = None  # the contract's default columns: Lightning OPD fetches no top-k bytes
+    if cfg.loss != "lightning-opd":
+        if not info.top_k:
+            raise InvalidInput(
+                f"--loss {cfg.loss} distils the teacher's top-k, and {info.name!r} v{info.version} has none: build "
+                "the dataset with `lopd precompute --top-k K`, or train with --loss lightning-opd"
+            )
+        columns = (*SERVED_COLUMNS, *TOPK_COLUMNS)
     if info.temperature not in (None, 1.0) and ranks.is_main:
         log.warning("the teacher scored at temperature %s; the student is scored at 1.0", info.temperature)
     if ranks.is_main:
@@ -211,6 +220,7 @@ def train_student(
     loader = OPDLoader(
         client, cfg.dataset, cfg.batch_size, seed=cfg.seed, rank=ranks.rank, world_size=ranks.world_size,
         prefetch=cfg.prefetch, num_epochs=None, pad_id=pad_id, pin_memory=device.type == "cuda", info=info,
+        columns=columns,
     )  # fmt: skip
     loader.sampler = loader.sampler.evened()  # the same number of passes on every rank (DDP), fillers weigh 0
     held_out: HeldOut | None = None
@@ -218,7 +228,9 @@ def train_student(
         indices = held_out_indices(info.num_samples, cfg.eval_samples)
         loader.sampler = loader.sampler.excluding(indices)  # never trained on; part of the loader's resume state
         # Rank 0 evaluates alone, but under FSDP every rank runs the forward with it.
-        held_out = HeldOut(client, info, indices, cfg.batch_size, pad_id) if ranks.is_main or ranks.sharded else None
+        held_out = (
+            HeldOut(client, info, indices, cfg.batch_size, pad_id, columns) if ranks.is_main or ranks.sharded else None
+        )
     step = 0
     if ckpt is not None:
         if ranks.sharded:

@@ -21,6 +21,7 @@ from lopd.http_contract import (
     ROLLOUT_LOGPROBS,
     SAMPLE_ID,
     TEACHER_LOGPROBS,
+    TOPK_COLUMNS,
 )
 
 from .errors import ProtocolError
@@ -60,6 +61,7 @@ class DatasetInfo:
     verdict: str  # "consistent" | "inconsistent"
     mismatch_allowed: bool = False
     temperature: float | None = None
+    top_k: int = 0  # K of the stored teacher top-k (0: none; only a manifest says)
     versions: tuple[int, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -83,6 +85,7 @@ class DatasetInfo:
                 verdict=verdict,
                 mismatch_allowed=bool(_get(prov, "consistency", "mismatch_allowed", default=False)),
                 temperature=_get(prov, "temperature"),
+                top_k=int(_get(prov, "top_k", default=0) or 0),
                 raw=data,
             )
         return cls(  # a DatasetSummary
@@ -113,6 +116,8 @@ class SampleArrays:
     response_ids: np.ndarray  # int32
     teacher_logprobs: np.ndarray  # float32, one per response token
     rollout_logprobs: np.ndarray | None  # float32 or absent
+    teacher_topk_ids: np.ndarray | None = None  # int32 [len(response), K], when asked for
+    teacher_topk_logprobs: np.ndarray | None = None  # float32 [len(response), K], when asked for
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SampleArrays:
@@ -120,6 +125,12 @@ class SampleArrays:
         # straight to float32 recovers the stored bits exactly.
         rollout = data.get(ROLLOUT_LOGPROBS)
         try:
+            n = len(data[RESPONSE_IDS])
+            topk = {
+                name: np.asarray(data[name], dtype=dtype).reshape(n, -1)
+                for name, dtype in zip(TOPK_COLUMNS, (np.int32, np.float32))
+                if data.get(name) is not None
+            }
             return cls(
                 index=data.get(INDEX),
                 sample_id=str(data[SAMPLE_ID]),
@@ -127,6 +138,7 @@ class SampleArrays:
                 response_ids=np.asarray(data[RESPONSE_IDS], dtype=np.int32),
                 teacher_logprobs=np.asarray(data[TEACHER_LOGPROBS], dtype=np.float32),
                 rollout_logprobs=None if rollout is None else np.asarray(rollout, dtype=np.float32),
+                **topk,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"malformed sample in a JSON answer: {e}") from e

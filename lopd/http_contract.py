@@ -13,6 +13,7 @@ server, the store, FastAPI nor torch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import Enum
 from typing import Annotated, Any, Literal
 
@@ -47,6 +48,32 @@ RESPONSE_IDS = "response_ids"  # list<int32>
 TEACHER_LOGPROBS = "teacher_logprobs"  # list<float32>, one per response token
 ROLLOUT_LOGPROBS = "rollout_logprobs"  # list<float32> or null
 SERVED_COLUMNS: tuple[str, ...] = (SAMPLE_ID, PROMPT_IDS, RESPONSE_IDS, TEACHER_LOGPROBS, ROLLOUT_LOGPROBS)
+# Served only when a batch request selects them (`BatchRequest.columns`), from datasets built with
+# `--top-k K` (the manifest's `provenance.top_k`): len(response) * K values per row, row-major
+# [position, rank], by descending log-prob (ties: the lower id). A Lightning OPD run never pays for them.
+TEACHER_TOPK_IDS = "teacher_topk_ids"  # list<int32>
+TEACHER_TOPK_LOGPROBS = "teacher_topk_logprobs"  # list<float32>
+TOPK_COLUMNS: tuple[str, ...] = (TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS)
+# Every column a batch may hold, in the order a batch holds them.
+ALL_COLUMNS: tuple[str, ...] = (*SERVED_COLUMNS, *TOPK_COLUMNS)
+Column = Literal[
+    "sample_id", "prompt_ids", "response_ids", "teacher_logprobs", "rollout_logprobs", "teacher_topk_ids",
+    "teacher_topk_logprobs",
+]  # fmt: skip
+
+
+def served_columns(columns: Sequence[str] | None) -> tuple[str, ...]:
+    """The columns a batch answer holds for a request's `columns`: those, in `ALL_COLUMNS` order, `sample_id` always.
+
+    None (not given) is `SERVED_COLUMNS`.
+    """
+    if columns is None:
+        return SERVED_COLUMNS
+    unknown = sorted(set(columns) - set(ALL_COLUMNS))
+    if unknown:
+        raise ValueError(f"unknown columns {unknown}; a batch may hold {list(ALL_COLUMNS)}")
+    return tuple(c for c in ALL_COLUMNS if c == SAMPLE_ID or c in columns)
+
 
 # -- request limits --------------------------------------------------------------------------
 
@@ -146,14 +173,23 @@ class DatasetsResponse(_Model):
 
 
 class Sample(_Model):
-    """One stored sample; float values are the float32 ones, printed in their shortest exact form."""
+    """One stored sample; float values are the float32 ones, printed in their shortest exact form.
+
+    A batch answer holds the columns its request selected (`BatchRequest.columns`); the others are absent.
+    """
 
     index: int = Field(description="Dataset index (0..num_samples-1).")
     sample_id: str
-    prompt_ids: list[int]
-    response_ids: list[int]
-    teacher_logprobs: list[float]
-    rollout_logprobs: list[float] | None
+    prompt_ids: list[int] | None = None
+    response_ids: list[int] | None = None
+    teacher_logprobs: list[float] | None = None
+    rollout_logprobs: list[float] | None = Field(None, description="Null when the dataset has none for this sample.")
+    teacher_topk_ids: list[int] | None = Field(
+        None, description="Only when selected: len(response_ids) x K ids, row-major [position, rank]."
+    )
+    teacher_topk_logprobs: list[float] | None = Field(
+        None, description="Only when selected: their log-probs, descending per position."
+    )
 
 
 class BatchRequest(_Model):
@@ -163,6 +199,12 @@ class BatchRequest(_Model):
         description="Dataset indices (0..num_samples-1), in the order wanted; repeats allowed."
     )
     version: int | None = Field(default=None, ge=1, strict=True, description="Dataset version; the latest by default.")
+    columns: list[Column] | None = Field(
+        default=None,
+        description="The columns to serve (in the answer they keep the contract's order; sample_id always). "
+        "Default: sample_id, prompt_ids, response_ids, teacher_logprobs, rollout_logprobs. The top-k columns "
+        "exist only in datasets built with --top-k (else 422 invalid_input).",
+    )
 
 
 class BatchResponse(_Model):

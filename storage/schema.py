@@ -39,6 +39,36 @@ SAMPLE_SCHEMA = pa.schema(
 )
 COLUMNS: tuple[str, ...] = tuple(SAMPLE_SCHEMA.names)
 FLOAT_COLUMNS = ("teacher_logprobs", "rollout_logprobs")
+
+# The teacher's top K next tokens at every response position, in stores built with `--top-k K`
+# (the manifest's `provenance.top_k`; stores without them have exactly `SAMPLE_SCHEMA`). Each row
+# holds `len(response_ids) * K` values, row-major [position, rank]: rank 0 is the most likely token,
+# ties broken by the lower id. Flat lists rather than list<fixed_size_list<K>>: the same bytes on
+# disk (bench/bench_topk_storage.py) and every Parquet reader decodes them.
+TOPK_IDS = "teacher_topk_ids"
+TOPK_LOGPROBS = "teacher_topk_logprobs"
+TOPK_COLUMNS = (TOPK_IDS, TOPK_LOGPROBS)
+TOPK_FIELDS = (
+    pa.field(TOPK_IDS, _list_of(pa.int32()), nullable=False),
+    pa.field(TOPK_LOGPROBS, _list_of(pa.float32()), nullable=False),
+)
+MAX_TOP_K = 1024
+
+
+def sample_schema(top_k: int = 0) -> pa.Schema:
+    """The schema of a store's shards: `SAMPLE_SCHEMA`, plus the `TOPK_COLUMNS` when `top_k` > 0."""
+    return SAMPLE_SCHEMA if not top_k else pa.schema([*SAMPLE_SCHEMA, *TOPK_FIELDS])
+
+
+def sample_columns(top_k: int = 0) -> tuple[str, ...]:
+    return tuple(sample_schema(top_k).names)
+
+
+def column_type(name: str) -> pa.DataType:
+    """The stored Arrow type of column `name` (any column of any store)."""
+    return sample_schema(1).field(name).type
+
+
 # The columns a sample's tokens are counted in (see `token_lengths`).
 TOKEN_COLUMNS = ("prompt_ids", "response_ids")
 
@@ -60,6 +90,20 @@ PARQUET_WRITE_OPTIONS: dict[str, Any] = {
     "write_page_checksum": True,  # a CRC32 per page, verified by readers on every decode (storage/integrity.py)
 }
 
+
+def write_options(schema: pa.Schema) -> dict[str, Any]:
+    """The Parquet writer options for shards of `schema` (`PARQUET_WRITE_OPTIONS`, read at call time).
+
+    Top-k columns: BYTE_STREAM_SPLIT on both. The ids are < 2**18 in any real vocabulary, so their
+    high bytes are near constant and the split saves ~20% (BYTE_STREAM_SPLIT on INT32 needs a
+    Parquet reader of 2023 or later; these columns are new, so no older reader meets them).
+    """
+    if TOPK_IDS not in schema.names:
+        return PARQUET_WRITE_OPTIONS
+    encoding = {f"{c}.list.{_ELEMENT}": "BYTE_STREAM_SPLIT" for c in TOPK_COLUMNS}
+    return {**PARQUET_WRITE_OPTIONS, "column_encoding": {**PARQUET_WRITE_OPTIONS["column_encoding"], **encoding}}
+
+
 # Key-value metadata written into every shard's Parquet footer, so a shard found on its own still
 # says which run and teacher produced it (finalize checks these before publishing).
 META_FORMAT = b"lopd.format_version"
@@ -79,9 +123,16 @@ def build_table(
     response_ids: Sequence[np.ndarray | Sequence[int]],
     teacher_logprobs: Sequence[np.ndarray],
     rollout_logprobs: Sequence[np.ndarray | None],
+    topk_ids: Sequence[np.ndarray] | None = None,
+    topk_logprobs: Sequence[np.ndarray] | None = None,
 ) -> pa.Table:
-    """Assemble samples into a table of `SAMPLE_SCHEMA`, checking the invariants readers rely on."""
+    """Assemble samples into a table of `sample_schema(K)`, checking the invariants readers rely on.
+
+    `topk_ids` / `topk_logprobs`: one [len(response), K] array per sample (int ids, float32 log-probs
+    in descending order), or both None for a store without top-k.
+    """
     n = len(sample_ids)
+    top_k = _check_topk(sample_ids, response_ids, topk_ids, topk_logprobs)
     if not (len(prompt_ids) == len(response_ids) == len(teacher_logprobs) == len(rollout_logprobs) == n):
         raise InvalidInput("columns have different numbers of samples")
     for i in range(n):
@@ -97,16 +148,46 @@ def build_table(
             raise InvalidInput(f"sample {sample_ids[i]!r}: {len(rl)} rollout log-probs for {r} response tokens")
         if not np.all(np.isfinite(teacher_logprobs[i])):
             raise InvalidInput(f"sample {sample_ids[i]!r}: non-finite teacher log-prob")
-    return pa.table(
-        {
-            "sample_id": pa.array(sample_ids, pa.string()),
-            "prompt_ids": _list_array(prompt_ids, np.int32),
-            "response_ids": _list_array(response_ids, np.int32),
-            "teacher_logprobs": _list_array(teacher_logprobs, np.float32),
-            "rollout_logprobs": _list_array(rollout_logprobs, np.float32),
-        },
-        schema=SAMPLE_SCHEMA,
-    )
+    columns = {
+        "sample_id": pa.array(sample_ids, pa.string()),
+        "prompt_ids": _list_array(prompt_ids, np.int32),
+        "response_ids": _list_array(response_ids, np.int32),
+        "teacher_logprobs": _list_array(teacher_logprobs, np.float32),
+        "rollout_logprobs": _list_array(rollout_logprobs, np.float32),
+    }
+    if top_k:
+        assert topk_ids is not None and topk_logprobs is not None
+        columns[TOPK_IDS] = _list_array([np.ravel(a) for a in topk_ids], np.int32)
+        columns[TOPK_LOGPROBS] = _list_array([np.ravel(a) for a in topk_logprobs], np.float32)
+    return pa.table(columns, schema=sample_schema(top_k))
+
+
+def _check_topk(
+    sample_ids: Sequence[str],
+    response_ids: Sequence[Any],
+    topk_ids: Sequence[np.ndarray] | None,
+    topk_logprobs: Sequence[np.ndarray] | None,
+) -> int:
+    """K of the samples' top-k arrays (0 when there are none), after checking their shapes and order."""
+    if topk_ids is None and topk_logprobs is None:
+        return 0
+    if topk_ids is None or topk_logprobs is None or not (len(topk_ids) == len(topk_logprobs) == len(sample_ids)):
+        raise InvalidInput("top-k ids and log-probs must both be given, one array each per sample")
+    top_k = int(np.shape(topk_ids[0])[1]) if len(topk_ids) and np.ndim(topk_ids[0]) == 2 else 0
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidInput(f"top-k arrays must be [response length, K] with 1 <= K <= {MAX_TOP_K}")
+    for i, (ids, lps) in enumerate(zip(topk_ids, topk_logprobs)):
+        shape = (len(response_ids[i]), top_k)
+        if np.shape(ids) != shape or np.shape(lps) != shape:
+            raise InvalidInput(
+                f"sample {sample_ids[i]!r}: top-k arrays shaped {np.shape(ids)} and {np.shape(lps)}, expected {shape}"
+            )
+        lps = np.asarray(lps)
+        if not np.all(np.isfinite(lps)) or np.any(lps > 0):
+            raise InvalidInput(f"sample {sample_ids[i]!r}: top-k log-probs must be finite and <= 0")
+        if np.any(np.diff(lps, axis=1) > 0):
+            raise InvalidInput(f"sample {sample_ids[i]!r}: top-k log-probs are not in descending order")
+    return top_k
 
 
 def token_lengths(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +221,8 @@ _CONTENT_TAG = b"lopd-content-v1\0"
 class ContentHasher:
     """The content hash of a dataset: a function of its samples only, fed table by table in dataset order.
 
-    Each column of `SAMPLE_SCHEMA` is hashed as three streams: row validity (1 byte per row), row
+    Each column of the store's schema (`sample_schema(K)`; a store without top-k hashes exactly as it
+    did before top-k existed) is hashed as three streams: row validity (1 byte per row), row
     lengths (int64; bytes for `sample_id`, values for the list columns) and the values (little-endian,
     float32 bit-exact). Streams concatenate across tables, so the hash does not depend on how the
     samples are split into parts or row groups, on the Parquet encoding, or on footer metadata
@@ -148,13 +230,14 @@ class ContentHasher:
     value bit-equal, same order) give an equal hash, whichever run or import produced them.
     """
 
-    def __init__(self) -> None:
-        self._streams = {c: (hashlib.sha256(), hashlib.sha256(), hashlib.sha256()) for c in COLUMNS}
+    def __init__(self, schema: pa.Schema = SAMPLE_SCHEMA) -> None:
+        self.schema = schema
+        self._streams = {c: (hashlib.sha256(), hashlib.sha256(), hashlib.sha256()) for c in schema.names}
         self.rows = 0
 
     def update(self, table: pa.Table) -> None:
-        """Add the rows of `table` (which holds the `COLUMNS`, in `SAMPLE_SCHEMA` types or castable to them)."""
-        for field in SAMPLE_SCHEMA:
+        """Add the rows of `table` (which holds the columns of `schema`, in its types or castable to them)."""
+        for field in self.schema:
             arr = table.column(field.name).combine_chunks()
             if pa.types.is_dictionary(arr.type):
                 arr = arr.dictionary_decode()

@@ -13,6 +13,7 @@ import pytest
 from lopd.client.http import StoreClient
 from lopd.client.types import SampleArrays
 from lopd.http_contract import (
+    ALL_COLUMNS,
     ARROW_STREAM_MEDIA_TYPE,
     CONTENT_HASH_HEADER,
     DATASET_HEADER,
@@ -27,19 +28,20 @@ from lopd.http_contract import (
     error_body,
     read_error,
 )
-from lopd.server.api.encoding import SERVED_SCHEMA
+from lopd.server.api.encoding import ALL_SCHEMA, SERVED_SCHEMA
 from lopd.server.api.settings import ServerSettings
-from lopd.storage.schema import SAMPLE_SCHEMA
+from lopd.storage.schema import SAMPLE_SCHEMA, sample_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_sample_has_the_same_fields_everywhere():
-    fields = (INDEX, *SERVED_COLUMNS)
+    fields = (INDEX, *ALL_COLUMNS)
     assert tuple(Sample.model_fields) == fields  # the JSON model
     assert tuple(f.name for f in dataclasses.fields(SampleArrays)) == fields  # the client's decoded form
-    assert tuple(SERVED_SCHEMA.names) == SERVED_COLUMNS  # the Arrow stream the server writes
-    assert SERVED_SCHEMA.equals(SAMPLE_SCHEMA)  # every stored column is served, typed as stored
+    assert tuple(SERVED_SCHEMA.names) == SERVED_COLUMNS  # the Arrow stream the server writes by default
+    assert SERVED_SCHEMA.equals(SAMPLE_SCHEMA)  # every column of a store without top-k is served, typed as stored
+    assert ALL_SCHEMA.equals(sample_schema(1))  # and of one with top-k, when asked for
 
 
 def test_the_client_asks_within_the_servers_default_limit(tmp_path):

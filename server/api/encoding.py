@@ -14,13 +14,25 @@ import orjson
 import pyarrow as pa
 
 from lopd.arrow import list_rows
-from lopd.http_contract import ARROW_STREAM_MEDIA_TYPE, INDEX, JSON_MEDIA_TYPE, SAMPLE_ID, SERVED_COLUMNS
-from lopd.storage.schema import SAMPLE_SCHEMA
+from lopd.http_contract import (
+    ALL_COLUMNS,
+    ARROW_STREAM_MEDIA_TYPE,
+    INDEX,
+    JSON_MEDIA_TYPE,
+    SAMPLE_ID,
+    SERVED_COLUMNS,
+)
+from lopd.storage.schema import sample_schema
 
-# The contract's served columns, typed as the store keeps them (a contract column the store lacks
-# fails here, at import).
-SERVED_SCHEMA = pa.schema([SAMPLE_SCHEMA.field(name) for name in SERVED_COLUMNS])
-_LIST_COLUMNS = tuple(f.name for f in SERVED_SCHEMA if pa.types.is_list(f.type))
+# Every column the contract may serve, typed as the store keeps them (a contract column the store
+# lacks fails here, at import); SERVED_SCHEMA is what a request without `columns` gets.
+ALL_SCHEMA = pa.schema([sample_schema(1).field(name) for name in ALL_COLUMNS])
+SERVED_SCHEMA = pa.schema([ALL_SCHEMA.field(name) for name in SERVED_COLUMNS])
+
+
+def batch_schema(columns: Sequence[str]) -> pa.Schema:
+    """The Arrow schema of a batch holding `columns` (contract names, in contract order)."""
+    return pa.schema([ALL_SCHEMA.field(name) for name in columns])
 
 
 def wants_json(accept: str | None) -> bool:
@@ -31,26 +43,29 @@ def wants_json(accept: str | None) -> bool:
     return JSON_MEDIA_TYPE in types and ARROW_STREAM_MEDIA_TYPE not in types
 
 
-def arrow_stream(table: pa.Table) -> bytes:
-    """The table as an Arrow IPC stream of exactly one record batch, with the served schema."""
-    table = table.select(list(SERVED_SCHEMA.names)).cast(SERVED_SCHEMA).combine_chunks()
+def arrow_stream(table: pa.Table, columns: Sequence[str] = SERVED_COLUMNS) -> bytes:
+    """The table's `columns` as an Arrow IPC stream of exactly one record batch, typed as served."""
+    schema = batch_schema(columns)
+    table = table.select(list(schema.names)).cast(schema).combine_chunks()
     batches = table.to_batches()
-    batch = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=SERVED_SCHEMA)
+    batch = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=schema)
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, SERVED_SCHEMA) as writer:
+    with pa.ipc.new_stream(sink, schema) as writer:
         writer.write_batch(batch)
     return sink.getvalue().to_pybytes()
 
 
-def sample_dicts(table: pa.Table, indices: Sequence[int] | np.ndarray) -> list[dict[str, object]]:
-    """The rows of `table` as `Sample` dicts, `indices` being the dataset index of each row."""
-    lists = {c: list_rows(table[c]) for c in _LIST_COLUMNS}
+def sample_dicts(
+    table: pa.Table, indices: Sequence[int] | np.ndarray, columns: Sequence[str] = SERVED_COLUMNS
+) -> list[dict[str, object]]:
+    """The rows of `table` as `Sample` dicts holding `columns`, `indices` being the dataset index of each row."""
+    lists = {c: list_rows(table[c]) for c in columns if c != SAMPLE_ID}
     ids = table[SAMPLE_ID].to_pylist()
     return [
         {
             INDEX: int(index),
             SAMPLE_ID: ids[i],
-            **{c: lists[c][i] for c in _LIST_COLUMNS},
+            **{c: rows[i] for c, rows in lists.items()},
         }
         for i, index in enumerate(indices)
     ]

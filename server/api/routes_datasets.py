@@ -24,6 +24,7 @@ from lopd.http_contract import (
     DATASET_HEADER,
     DATASETS_PATH,
     JSON_MEDIA_TYPE,
+    TOPK_COLUMNS,
     VERSION_HEADER,
     BatchRequest,
     BatchResponse,
@@ -31,6 +32,7 @@ from lopd.http_contract import (
     DatasetSummary,
     Sample,
     TeacherSummary,
+    served_columns,
 )
 from lopd.storage.manifest import Manifest
 from lopd.storage.stats import ConsistencyStats, CoverageStats
@@ -207,12 +209,19 @@ def get_batch(
             f"the batch holds {tokens} prompt+response tokens; the limit max_response_tokens is "
             f"{settings.max_response_tokens}: ask for fewer samples per request"
         )
-    table = served.dataset.take(idx)
+    columns = served_columns(body.columns)
+    missing = [c for c in columns if c in TOPK_COLUMNS and not m.provenance.top_k]
+    if missing:
+        raise InvalidInput(
+            f"{m.name!r} v{m.version} has no {', '.join(missing)}: it was built without top-k "
+            "(`lopd precompute --top-k K` stores them)"
+        )
+    table = served.dataset.take(idx, columns=columns)
     if encoding.wants_json(accept):
-        payload = {"dataset": m.name, "version": m.version, "samples": encoding.sample_dicts(table, idx)}
+        payload = {"dataset": m.name, "version": m.version, "samples": encoding.sample_dicts(table, idx, columns)}
         content, media_type = encoding.dumps(payload), JSON_MEDIA_TYPE
     else:
-        content, media_type = encoding.arrow_stream(table), ARROW_STREAM_MEDIA_TYPE
+        content, media_type = encoding.arrow_stream(table, columns), ARROW_STREAM_MEDIA_TYPE
     metrics.served(m.name, m.version, lab_of(request), samples=len(idx), nbytes=len(content))
     headers = {DATASET_HEADER: m.name, VERSION_HEADER: str(m.version), CONTENT_HASH_HEADER: m.content_hash}
     return Response(content, media_type=media_type, headers=headers)

@@ -8,8 +8,11 @@ server later) implements this one narrow contract, so the store cannot tell them
   (chat templates, special tokens, whitespace merges) and silently shift ids.
 * Output is exactly one float32 per response token,
   `log_softmax(teacher(prompt + response[:j]) / T)[response[j]]`, over the model's full
-  vocabulary. No top-k, no text, no backend-specific objects: the same record scored by two
-  backends yields arrays that can be compared element-wise, and the store's schema stays fixed.
+  vocabulary. No text, no backend-specific objects: the same record scored by two backends yields
+  arrays that can be compared element-wise.
+* Asked for top-k (`ScoringJob.top_k`, `lopd precompute --top-k K`), `score_topk` also returns the
+  teacher's K most likely next tokens at every response position and their log-probs, ordered by
+  descending log-prob with ties broken by the lower token id (`TopKScores`).
 * `TeacherInfo` carries content fingerprints rather than names, so a store can prove which
   weights and which tokenizer produced its numbers.
 """
@@ -58,6 +61,15 @@ Temperature = Annotated[
 ]
 MaxBatchTokens = Annotated[int, Field(ge=1, description="Padded tokens per forward batch.")]
 MaxBatchSize = Annotated[int, Field(ge=1, description="Sequences per forward batch.")]
+TopK = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=1024,
+        description="Also store the teacher's K most likely next tokens and their log-probs at every response "
+        "position (teacher_topk_ids, teacher_topk_logprobs); 0: only the sampled token's log-prob.",
+    ),
+]
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_MAX_BATCH_TOKENS = 16384
 DEFAULT_MAX_BATCH_SIZE = 256
@@ -71,6 +83,32 @@ class ScoringJob(BaseModel):
     temperature: Temperature = DEFAULT_TEMPERATURE
     max_batch_tokens: MaxBatchTokens = DEFAULT_MAX_BATCH_TOKENS
     max_batch_size: MaxBatchSize = DEFAULT_MAX_BATCH_SIZE
+    top_k: TopK = 0
+
+
+@dataclass(frozen=True)
+class TopKScores:
+    """One record scored with top-k: what `Teacher.score_topk` returns per record.
+
+    `logprobs` [R] float32 is exactly what `score` returns (the sampled tokens' log-probs, whether or
+    not they are among the top K); `ids` [R, K] int32 and `topk_logprobs` [R, K] float32 are the K most
+    likely next tokens at each response position, by descending log-prob, ties broken by the lower id.
+    """
+
+    logprobs: np.ndarray
+    ids: np.ndarray
+    topk_logprobs: np.ndarray
+
+
+def order_topk(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[R, K] ids and log-probs reordered by descending log-prob, ties by the lower id (int32, float32).
+
+    For backends whose engine returns the top K unordered or in its own tie order.
+    """
+    ids = np.asarray(ids, dtype=np.int32)
+    logprobs = np.asarray(logprobs, dtype=np.float32)
+    order = np.lexsort((ids, -logprobs), axis=-1)
+    return np.take_along_axis(ids, order, -1), np.take_along_axis(logprobs, order, -1)
 
 
 OptionsT = TypeVar("OptionsT", bound="TeacherOptions")
@@ -93,6 +131,8 @@ class TeacherOptions(LopdSettings):
     # The engine generates at least one token after each record (vLLM refuses max_tokens=0; servers
     # reserve room for one), so a record may use the teacher's context minus one token.
     generates_token: ClassVar[bool] = False
+    # Can return the teacher's top-k per position (`Teacher.score_topk`, `lopd precompute --top-k`).
+    supports_top_k: ClassVar[bool] = False
 
     def precision(self) -> str:
         """The dtype the manifest records ("server" where the server chose it)."""
@@ -140,6 +180,10 @@ class Teacher(Protocol):
 
     def score(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[np.ndarray]:
         """One float32 array per record, `len == len(response)`, in input order."""
+        ...
+
+    def score_topk(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[TopKScores]:
+        """`score`, plus the top K (the loaded job's `top_k`, >= 1) at every response position, in input order."""
         ...
 
     def close(self) -> None:

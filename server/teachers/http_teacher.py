@@ -35,6 +35,7 @@ from .base import (
     TeacherInfo,
     TeacherOptions,
     TokenIds,
+    TopKScores,
     check_token_ids,
     config_context_length,
     snapshot_revision,
@@ -187,6 +188,10 @@ class HTTPTeacher:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ scoring
+
+    def score_topk(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[TopKScores]:
+        """Not implemented for this backend yet (`supports_top_k` is False; precompute refuses --top-k first)."""
+        raise InvalidInput(f"the {self.info.backend} backend does not store top-k yet; use --backend transformers")
 
     def score(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[np.ndarray]:
         """`log_softmax(teacher(prompt + response[:j]) / T)[response[j]]` per response token, in input order."""

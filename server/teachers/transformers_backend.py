@@ -5,7 +5,9 @@ The expensive, memory-hungry part of scoring is the LM head: full logits are
 need one number per *response* token. So the decoder body runs on the padded batch, only the
 hidden states that predict response tokens are gathered, and the head is applied to them in
 row chunks bounded by `head_chunk_bytes`, each reduced at once to `target - logsumexp`. Prompt
-positions never reach the head.
+positions never reach the head. With top-k, each chunk also gives its rows' K largest logits
+(`topk(K + 1)`, so that a tie at the K-th place is seen and broken by the lower id) before it is
+freed: no tensor larger than one chunk is ever held.
 
 On CUDA the per-chunk normalisation (upcast, post-processing, logsumexp) is one `torch.compile`d
 reduction over the low-precision logits instead of five float32 passes; on CPU the in-place eager
@@ -37,6 +39,7 @@ from lopd.server.teachers.base import (
     TeacherInfo,
     TeacherOptions,
     TokenIds,
+    TopKScores,
     check_token_ids,
     snapshot_revision,
 )
@@ -67,6 +70,7 @@ class TransformersOptions(TeacherOptions):
     name: ClassVar[str] = "transformers"
     summary: ClassVar[str] = "in this process with Hugging Face transformers (CPU or CUDA)"
     extra: ClassVar[str] = "teacher"
+    supports_top_k: ClassVar[bool] = True
 
     device: str = Field("cpu", description="cpu, cuda or cuda:N.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and activations.")
@@ -115,6 +119,7 @@ class TransformersTeacher:
             raise InvalidInput(f"model directory {path} does not exist")
 
         self.temperature = job.temperature
+        self.top_k = job.top_k
         self.max_batch_tokens, self.max_batch_size = job.max_batch_tokens, job.max_batch_size
         self.head_chunk_bytes = options.head_chunk_bytes
         self.device = torch.device(options.device)
@@ -177,16 +182,27 @@ class TransformersTeacher:
         Returns one float32 array per record, in input order. Records are regrouped into
         length-bucketed batches under the token budget; results do not depend on the grouping.
         """
+        return [s.logprobs for s in self._score(prompts, responses, 0)]
+
+    def score_topk(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[TopKScores]:
+        """`score`, plus the job's top K at every response position (see `TopKScores`)."""
+        if not self.top_k:
+            raise ValueError("this teacher was loaded without top_k")
+        if self.top_k > self._head_rows:
+            raise InvalidInput(f"--top-k {self.top_k} exceeds the teacher's {self._head_rows} logits per position")
+        return self._score(prompts, responses, self.top_k)
+
+    def _score(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds], top_k: int) -> list[TopKScores]:
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
         if self.model is None:
             raise RuntimeError("this teacher has been closed")
         records = [self._validate(i, p, r) for i, (p, r) in enumerate(zip(prompts, responses))]
         lengths = [len(p) + len(r) - 1 for p, r in records]  # the last token predicts nothing
-        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(records)
+        out: list[TopKScores] = [TopKScores(np.empty(0, np.float32), np.empty(0), np.empty(0))] * len(records)
         for batch in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
-            for i, arr in zip(batch, self._score_batch([records[i] for i in batch])):
-                out[i] = arr
+            for i, scores in zip(batch, self._score_batch([records[i] for i in batch], top_k)):
+                out[i] = scores
         return out
 
     def _validate(self, i: int, prompt: TokenIds, response: TokenIds) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +215,7 @@ class TransformersTeacher:
         return p.astype(np.int64), r.astype(np.int64)
 
     @_inference_mode
-    def _score_batch(self, records: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    def _score_batch(self, records: Sequence[tuple[np.ndarray, np.ndarray]], top_k: int = 0) -> list[TopKScores]:
         """Right-pad, run the body once, gather the response-predicting rows, score them."""
         import torch
 
@@ -222,19 +238,32 @@ class TransformersTeacher:
         r_idx = torch.from_numpy(np.concatenate(rows)).to(self.device)
         c_idx = torch.from_numpy(np.concatenate(cols)).to(self.device)
         targets = torch.from_numpy(np.concatenate([r for _, r in records])).to(self.device)
-        logprobs = self._head_logprobs(hidden[r_idx, c_idx], targets).cpu().numpy()
+        logprobs, top_ids, top_lps = (
+            t.cpu().numpy() for t in self._head_logprobs(hidden[r_idx, c_idx], targets, top_k)
+        )
         bounds = np.cumsum([len(r) for _, r in records])[:-1]
-        return [a.astype(np.float32, copy=True) for a in np.split(logprobs, bounds)]
+        return [
+            TopKScores(lp.astype(np.float32, copy=True), ids.astype(np.int32), vals.astype(np.float32))
+            for lp, ids, vals in zip(*(np.split(a, bounds) for a in (logprobs, top_ids, top_lps)))
+        ]
 
-    def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """`target logit - logsumexp` per row, with at most `head_chunk_bytes` of float32 logits alive."""
+    def _head_logprobs(
+        self, hidden: torch.Tensor, targets: torch.Tensor, top_k: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`target logit - logsumexp` per row, with at most `head_chunk_bytes` of float32 logits alive.
+
+        Also the rows' `top_k` ids and log-probs ([rows, top_k], ordered; [rows, 0] when `top_k` is 0).
+        """
         import torch
 
         chunk = max(1, self.head_chunk_bytes // (self._head_rows * 4))
-        result = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            end = min(start + chunk, hidden.shape[0])
-            if self._fused is not None:
+        rows = hidden.shape[0]
+        result = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        top_ids = torch.empty((rows, top_k), dtype=torch.int64, device=hidden.device)
+        top_lps = torch.empty((rows, top_k), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows, chunk):
+            end = min(start + chunk, rows)
+            if self._fused is not None and not top_k:
                 result[start:end] = self._fused(
                     self._head(hidden[start:end]), targets[start:end], self._logit_scale, self._logits_scaling,
                     self._softcap, self.temperature,
@@ -245,14 +274,25 @@ class TransformersTeacher:
                 self.temperature,
             )  # fmt: skip
             target = logits.gather(1, targets[start:end, None]).squeeze(1)
+            if top_k:
+                top_vals, top_ids[start:end] = _topk_lowest_id_on_ties(logits, top_k)
             # logsumexp in place: `torch.logsumexp` allocates a temporary as large as the chunk (doubling
             # the peak) and is ~2.7x slower on CPU (bench/bench_precompute.py). Safe: no autograd here,
             # and `target` was gathered (copied) above.
             peak = logits.amax(dim=-1, keepdim=True)
             lse = logits.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(1))
             result[start:end] = target - lse
+            if top_k:
+                # Same float32 subtraction as the target's, so a sampled token in the top K has the same value.
+                top_lps[start:end] = top_vals - lse[:, None]
             del logits, lse  # else this chunk is still alive while the next one is allocated: 2x the peak
-        return result
+        if top_k:
+            # `logit - lse` can round two different logits to one log-prob: order by (log-prob desc, id asc).
+            by_id = top_ids.argsort(dim=1)
+            top_ids, top_lps = top_ids.gather(1, by_id), top_lps.gather(1, by_id)
+            by_lp = top_lps.argsort(dim=1, descending=True, stable=True)
+            top_ids, top_lps = top_ids.gather(1, by_lp), top_lps.gather(1, by_lp)
+        return result, top_ids, top_lps
 
     @_inference_mode
     def _self_check(self) -> None:
@@ -263,7 +303,7 @@ class TransformersTeacher:
         seq = [(7 * k + 3) % lim for k in range(12)]
         records = [(np.array(seq[:3]), np.array(seq[3:])), (np.array(seq[5:9]), np.array(seq[9:11]))]
         try:
-            got = self._score_batch(records)
+            got = [s.logprobs for s in self._score_batch(records)]
         except Exception as e:  # a body that rejects attention_mask/use_cache, odd outputs, ...
             raise InvalidInput(f"{self.info.architecture}: cannot run the decoder body on its own: {e}") from e
         worst = 0.0
@@ -288,6 +328,26 @@ class TransformersTeacher:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _topk_lowest_id_on_ties(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` largest values of each row and their columns, a tie at the k-th place going to the lower column.
+
+    `torch.topk` picks among equal values in no stated order. Asking for k + 1 shows whether the k-th
+    value is tied with one left out; only such rows (rare in float32, common in bf16) are redone.
+    """
+    import torch
+
+    width = logits.shape[1]
+    vals, idx = logits.topk(min(k + 1, width), dim=1)
+    if width > k:
+        for row in (vals[:, k] == vals[:, k - 1]).nonzero().flatten().tolist():
+            kth = vals[row, k - 1]
+            above = (logits[row] > kth).nonzero().flatten()
+            tied = (logits[row] == kth).nonzero().flatten()[: k - above.numel()]  # ascending columns
+            picked = torch.cat([above, tied])
+            idx[row, :k], vals[row, :k] = picked, logits[row, picked]
+    return vals[:, :k], idx[:, :k]
 
 
 def _postprocess(

@@ -102,6 +102,7 @@ from lopd.server.teachers.base import (
     TeacherInfo,
     TeacherOptions,
     TokenIds,
+    TopKScores,
     check_token_ids,
     config_context_length,
     snapshot_revision,
@@ -301,6 +302,10 @@ class VLLMTeacher:
         self._generate([self._validate(0, seq[:4], seq[4:])], None)
 
     # ------------------------------------------------------------------ scoring
+
+    def score_topk(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[TopKScores]:
+        """Not implemented for this backend yet (`supports_top_k` is False; precompute refuses --top-k first)."""
+        raise InvalidInput(f"the {self.info.backend} backend does not store top-k yet; use --backend transformers")
 
     def score(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[np.ndarray]:
         """`log_softmax(teacher(prompt + response[:j]))[response[j]]` for every response token, in input order.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lopd.client.trainer import CHECKPOINT, METRIC_COLUMNS, METRICS, MODEL_DIR, TrainConfig, train_student
-from lopd.errors import Conflict, NotFound, TokenizerMismatch
+from lopd.errors import Conflict, InvalidInput, NotFound, TokenizerMismatch
 
 
 def train_config(served, student: Path, out: Path, **kw) -> TrainConfig:
@@ -255,3 +255,47 @@ def test_rollout_reference_without_rollout_logprobs_warns_once_at_start(
         assert not [e for e in events if e.startswith("warning: ")]
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def topk_served(client_store, tmp_path_factory):
+    """The `scored` samples with a top-4 of real token ids (descending log-probs), built as with --top-k 4."""
+    from lopd.storage.manifest import Consistency
+    from tests.client.conftest import Served, _real_server
+    from tests.utils.factories import add_topk, provenance, publish_samples
+
+    base = provenance()
+    prov = base.model_copy(
+        update={
+            "teacher": base.teacher.model_copy(update={"fingerprint": client_store.teacher_fingerprint}),
+            "sft_teacher_fingerprint": client_store.teacher_fingerprint,
+            "tokenizer_fingerprint": client_store.tokenizer_fingerprint,
+            "rollout_tokenizer_fingerprint": client_store.tokenizer_fingerprint,
+            "consistency": Consistency(teacher_consistent=True, mismatch_allowed=False, rollout_tokenizer_checked=True),
+            "top_k": 4,
+        }
+    )
+    samples = add_topk(client_store.samples["scored"], 4, seed=2, vocab=100)
+    root = tmp_path_factory.mktemp("topk-store")
+    publish_samples(root, "scored", samples, prov=prov, per_part=8)
+    with _real_server(root) as url:
+        yield Served(url=url, store=client_store)
+
+
+@pytest.mark.parametrize("loss", ["forward-kl-topk", "reverse-kl-topk", "jsd-topk"])
+def test_train_with_a_top_k_loss(topk_served, tiny_qwen2_dir, tmp_path, loss):
+    cfg = train_config(topk_served, tiny_qwen2_dir, tmp_path / "run", loss=loss, steps=2, grad_accum=1, eval_samples=4)
+    result = run_training(topk_served, cfg)
+    rows = read_metrics(cfg.out)
+    assert [int(r["step"]) for r in rows] == [1, 2] and result.step == 2
+    assert all(float(r["loss"]) == float(r["loss"]) for r in rows)  # finite (not NaN)
+    assert float(rows[0]["clip_frac"]) == 0.0
+    if loss != "forward-kl-topk":  # a divergence of renormalised distributions: >= 0
+        assert all(float(r["loss"]) >= 0 for r in rows)
+
+
+def test_a_top_k_loss_on_a_dataset_without_top_k_is_refused_before_training(served, tiny_qwen2_dir, tmp_path):
+    cfg = train_config(served, tiny_qwen2_dir, tmp_path / "run", loss="forward-kl-topk")
+    with pytest.raises(InvalidInput, match="--top-k"):
+        run_training(served, cfg)
+    assert not (cfg.out / CHECKPOINT).exists()

@@ -68,9 +68,22 @@ def make_plan(
 def part_table(plan: RunPlan, samples: dict[str, list], index: int) -> pa.Table:
     """The table of part `index` of `plan` (samples in the `random_samples` layout)."""
     s = plan.part_rows(index)
+    topk = (samples["topk_ids"][s], samples["topk_logprobs"][s]) if "topk_ids" in samples else (None, None)
     return build_table(
-        samples["ids"][s], samples["prompts"][s], samples["responses"][s], samples["teacher"][s], samples["rollout"][s]
-    )
+        samples["ids"][s], samples["prompts"][s], samples["responses"][s], samples["teacher"][s], samples["rollout"][s],
+        *topk,
+    )  # fmt: skip
+
+
+def add_topk(samples: dict[str, list], k: int, seed: int = 0, vocab: int = 1000) -> dict[str, list]:
+    """`samples` with a synthetic teacher top-k ([len(response), K] ids and descending log-probs) per sample."""
+    rng = np.random.default_rng(seed)
+    out = dict(samples)
+    out["topk_ids"] = [rng.integers(0, vocab, (len(r), k)).astype(np.int32) for r in samples["responses"]]
+    out["topk_logprobs"] = [
+        -np.sort(rng.gamma(1.0, 2.0, (len(r), k)), axis=1).astype(np.float32) for r in samples["responses"]
+    ]
+    return out
 
 
 def write_parts(staging: Staging, plan: RunPlan, samples: dict[str, list], only: set[int] | None = None) -> None:
