@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,14 +36,17 @@ from lopd.fingerprint import (
 )
 from lopd.storage import layout
 from lopd.storage.faults import store_fault
+from lopd.storage.fs import StoreDir
 from lopd.storage.layout import StorePath
-from lopd.storage.manifest import Consistency, Manifest, ModelRef, Provenance, RolloutSource, Sampling
+from lopd.storage.manifest import Consistency, Manifest, ModelRef, Provenance, RolloutSource, Route, Sampling
 from lopd.storage.publish import find_published_run
 from lopd.storage.schema import FORMAT_VERSION, build_table
 from lopd.storage.staging import RunPlan
 from lopd.storage.writer import RunWriter
 
+from .cluster import default_num_workers, default_worker_index
 from .rollouts import RolloutScan, expand_rollout_paths, load_rollouts, scan_rollouts
+from .routing import TeacherRoute, load_teacher_map, route_of_rows, route_records
 from .sample import sampling_of_inputs
 from .teachers import DEFAULT_BACKEND, BackendField, ScoringJob
 from .teachers.base import (
@@ -71,8 +75,23 @@ class PrecomputeConfig(LopdSettings):
     rollouts: list[Path] = Field(
         description="Rollout files (JSONL, JSONL.gz, Parquet) or directories.", json_schema_extra=ARGUMENT
     )
-    teacher: Path = Field(description="Teacher model directory (Hugging Face format).")
-    sft_teacher: str = Field(description="The model (directory or fingerprint) that generated the student's SFT data.")
+    teacher: Path | None = Field(
+        None, description="Teacher model directory (Hugging Face format); required unless --teacher-map is given."
+    )
+    sft_teacher: str | None = Field(
+        None,
+        description="The model (directory or fingerprint) that generated the student's SFT data; required unless "
+        "--teacher-map is given.",
+    )
+    teacher_map: Path | None = Field(
+        None,
+        description="Multi-teacher dataset: a JSON (or .yaml) file mapping each routing key to its teacher and "
+        'SFT-data teacher, {"math": {"teacher": DIR, "sft_teacher": DIR_OR_FINGERPRINT}, ...}, instead of '
+        "--teacher/--sft-teacher. Each record is scored by the teacher of its --teacher-key.",
+    )
+    teacher_key: str = Field(
+        "data_source", description="With --teacher-map: the rollout record field whose value chooses the teacher."
+    )
     store: StorePath = Field(description="Store directory (created if missing).")
     dataset: str = Field(description="Dataset name inside the store.")
     backend: BackendField = Field(
@@ -96,8 +115,18 @@ class PrecomputeConfig(LopdSettings):
         gt=0,
         description="Sampling temperature of the rollout policy (default: the one `lopd sample` recorded, else 1).",
     )
-    num_workers: int = Field(1, ge=1, description="Number of workers splitting the job (each runs this command).")
-    worker_index: int = Field(0, ge=0, description="This worker's index, 0..num_workers-1.")
+    num_workers: int = Field(
+        default_factory=default_num_workers,
+        ge=1,
+        description="Number of workers splitting the job (each runs this command); default: the Slurm array's "
+        "size (SLURM_ARRAY_TASK_COUNT), else 1.",
+    )
+    worker_index: int = Field(
+        default_factory=default_worker_index,
+        ge=0,
+        description="This worker's index, 0..num_workers-1; default: the Slurm array task's (SLURM_ARRAY_TASK_ID) or "
+        "the Kubernetes Indexed Job pod's (JOB_COMPLETION_INDEX), else 0.",
+    )
     on_bad_record: Literal["stop", "skip"] = Field(
         "stop", description="stop: refuse and write nothing; skip: leave bad records out."
     )
@@ -112,8 +141,28 @@ class PrecomputeConfig(LopdSettings):
     @model_validator(mode="after")
     def _check(self) -> PrecomputeConfig:
         layout.validate_name(self.dataset)
+        if self.teacher_map is None and (self.teacher is None or self.sft_teacher is None):
+            raise ValueError(
+                "--teacher and --sft-teacher are required (or --teacher-map FILE for a multi-teacher dataset)"
+            )
+        if self.teacher_map is not None and (self.teacher is not None or self.sft_teacher is not None):
+            raise ValueError(
+                "--teacher-map names every teacher and SFT-data teacher: leave out --teacher and --sft-teacher"
+            )
+        if self.top_k and not self.backend.supports_top_k:
+            raise ValueError(
+                f"--top-k: the {self.backend.name} backend does not store the teacher's top-k yet; use --backend "
+                "transformers (see the README for each engine's limits)"
+            )
         if self.worker_index >= self.num_workers:
-            raise ValueError(f"--worker-index must be in 0..{self.num_workers - 1} (got {self.worker_index})")
+            hint = (
+                " (in a Kubernetes Indexed Job set LOPD_NUM_WORKERS to the Job's completions)"
+                if os.environ.get("JOB_COMPLETION_INDEX")
+                else ""
+            )
+            raise ValueError(
+                f"--worker-index must be in 0..{self.num_workers - 1} (got {self.worker_index}){hint}"
+            )
         return self
 
     def job(self, temperature: float | None = None, top_k: int | None = None) -> ScoringJob:
@@ -138,25 +187,36 @@ class PrecomputeResult:
 
 
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
-    _check_model_dirs(cfg)
+    routes = _routes(cfg)
+    _check_model_dirs(cfg, routes)
     notices: list[str] = []
 
-    # 1. Teacher consistency and tokenizer agreement, from files only: refuse before loading weights.
-    teacher_fp = model_fingerprint(cfg.teacher)
-    sft_fp = resolve_model_fingerprint(cfg.sft_teacher)
-    consistent = teacher_fp == sft_fp
-    if not consistent and not cfg.allow_teacher_mismatch:
-        raise TeacherMismatch(
-            f"refusing to score with teacher {cfg.teacher} ({short_fingerprint(teacher_fp)}): the student's SFT "
-            f"data came from {cfg.sft_teacher} ({short_fingerprint(sft_fp)}). {CONSISTENCY_HELP} Score with the "
-            "SFT-data teacher, or pass --allow-teacher-mismatch to build a dataset marked inconsistent."
-        )
+    # 1. Teacher consistency and tokenizer agreement, from files only: refuse before loading weights. With a
+    # teacher map, each routed teacher against its own domain's SFT-data teacher.
+    fps = {key: (model_fingerprint(r.teacher), resolve_model_fingerprint(r.sft_teacher)) for key, r in routes.items()}
+    for key, r in routes.items():
+        teacher_fp, sft_fp = fps[key]
+        if teacher_fp != sft_fp and not cfg.allow_teacher_mismatch:
+            which = "" if key is None else f"routed teacher {key!r}: "
+            raise TeacherMismatch(
+                f"{which}refusing to score with teacher {r.teacher} ({short_fingerprint(teacher_fp)}): the student's "
+                f"SFT data came from {r.sft_teacher} ({short_fingerprint(sft_fp)}). {CONSISTENCY_HELP} Score with the "
+                "SFT-data teacher, or pass --allow-teacher-mismatch to build a dataset marked inconsistent."
+            )
+    consistent = all(t == s_ for t, s_ in fps.values())
     if not consistent:
         notices.append("teacher mismatch allowed: the dataset is marked INCONSISTENT in its manifest")
+    first = next(iter(routes.values())).teacher
     sampling = sampling_of_inputs(cfg.rollouts)
     rollout_temperature = _rollout_temperature(cfg, sampling)
-    tokenizer = _load_tokenizer(cfg.teacher)
+    tokenizer = _load_tokenizer(first)
     tok_fp = tokenizer_fingerprint(tokenizer)
+    for key, r in routes.items():
+        if key is not None and tokenizer_fingerprint(str(r.teacher)) != tok_fp:
+            raise TokenizerMismatch(
+                f"routed teacher {key!r} ({r.teacher}) has another tokenizer than {first}: one dataset holds one "
+                "vocabulary, the student's. Route only teachers that share the student's tokenizer."
+            )
     rollout_tok_fp = _rollout_tokenizer_fingerprint(cfg, sampling)
     if rollout_tok_fp is not None and rollout_tok_fp != tok_fp:
         raise TokenizerMismatch(
@@ -170,8 +230,8 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
             "the teacher's; the manifest records it as unchecked"
         )
 
-    # 2. Scan and validate every record before writing anything.
-    max_context = _max_context(cfg.teacher)
+    # 2. Scan and validate every record before writing anything (against the shortest routed teacher's context).
+    max_context = min(_max_context(r.teacher) for r in routes.values())
     if cfg.backend.generates_token:
         max_context -= 1  # the engine generates one token after the record (see teachers/__init__.py)
     scan = scan_rollouts(
@@ -185,6 +245,10 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         raise BadRecords(scan.problems, scan.total)
     if not scan.records:
         raise InvalidInput(f"no valid rollout records in {', '.join(map(str, cfg.rollouts))}")
+    ranges: dict[str | None, tuple[int, int]] = {None: (0, len(scan.records))}
+    if cfg.teacher_map is not None:  # order the records by route: each route one run of dataset indices
+        routed = route_records(scan, cfg.teacher_key, {k: r for k, r in routes.items() if k is not None}, cfg.teacher_map)
+        scan, ranges = routed.scan, routed.ranges
     if scan.problems:
         notices.append(f"skipped {len(scan.problems)} of {scan.total} records (listed in the dataset's coverage)")
     if scan.retokenized:
@@ -205,9 +269,20 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         )
 
     # 3. The plan: a function of the inputs and settings only.
+    single = routes.get(None)
+    if single is not None:
+        teacher_fp, sft_fp = fps[None]
+        teacher_ref, sft_source = _model_ref(single.teacher, teacher_fp), single.sft_teacher
+    else:
+        teacher_ref, sft_fp = _routes_summary(cfg, routes, fps)
+        sft_source = str(cfg.teacher_map)
     provenance = _provenance(
-        cfg, scan, teacher_fp, sft_fp, tok_fp, rollout_tok_fp, consistent, sampling, rollout_temperature
+        cfg, scan, teacher_ref, sft_fp, sft_source, tok_fp, rollout_tok_fp, consistent, sampling, rollout_temperature
     )
+    if single is None:
+        provenance = provenance.model_copy(
+            update={"teacher_key": cfg.teacher_key, "routes": _route_provenance(cfg, routes, fps, ranges, provenance)}
+        )
     run_key = _run_key(cfg, provenance)
     with _operator_faults(cfg.store):
         published = find_published_run(cfg.store, cfg.dataset, run_key)
@@ -220,7 +295,9 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
 
         # 4. Score this worker's missing parts.
         if todo:
-            _score_parts(cfg, scan, run, [p.index for p in todo], sum(p.num_samples for p in mine), tokenizer)
+            _score_parts(
+                cfg, scan, run, [p.index for p in todo], sum(p.num_samples for p in mine), tokenizer, routes, ranges
+            )
 
         # 5. Publish once every part of every worker exists.
         missing = run.missing_parts()
@@ -240,7 +317,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
 
 
 @contextmanager
-def _operator_faults(store: Path) -> Iterator[None]:
+def _operator_faults(store: StoreDir) -> Iterator[None]:
     """A full disk, a read-only store or a missing permission ends as one `StoreUnwritable` line, not a traceback."""
     try:
         yield
@@ -276,11 +353,16 @@ def _score_parts(
     todo: list[int],
     my_samples: int,
     tokenizer: Any,
+    routes: dict[str | None, TeacherRoute],
+    ranges: dict[str | None, tuple[int, int]],
 ) -> None:
+    """Score and write parts `todo`, one routed teacher loaded at a time (one teacher: the whole dataset's route).
+
+    A part that spans two routes (a multi-teacher dataset whose route sizes are not multiples of the part size)
+    is kept in memory until its last route's teacher has scored its rows, then written whole.
+    """
     plan = run.plan
-    teacher = cfg.backend.load(cfg.teacher, cfg.job())
-    if teacher.info.fingerprint != plan.provenance.teacher.fingerprint:
-        raise TeacherMismatch(f"{cfg.teacher} changed on disk while the job was starting; run it again")
+    recorded = {None: plan.provenance.teacher.fingerprint} | {r.key: r.teacher.fingerprint for r in plan.provenance.routes}
     policy = None
     if cfg.rollout_policy is not None and not all(r.has_rollout_logprobs for r in scan.records):
         policy = cfg.backend.load(cfg.rollout_policy, cfg.job(plan.provenance.rollout_temperature, top_k=0))
@@ -293,49 +375,128 @@ def _score_parts(
         disable=not cfg.progress,
         dynamic_ncols=True,
     )
+    pending: dict[int, list[tuple[list[Any], list[np.ndarray], list[np.ndarray] | None, list[np.ndarray] | None]]] = {}
     tokens, start = 0, time.perf_counter()
+    teacher = None
     try:
-        for index in todo:
-            refs = scan.records[plan.part_rows(index)]
-            rollouts = load_rollouts(scan, refs, tokenizer)
-            prompts = [r.prompt_ids for r in rollouts]
-            responses = [r.response_ids for r in rollouts]
-            topk_ids: list[np.ndarray] | None = None
-            topk_lps: list[np.ndarray] | None = None
-            try:
-                if cfg.top_k:
-                    scored = teacher.score_topk(prompts, responses)
-                    teacher_lp = [s.logprobs for s in scored]
-                    topk_ids, topk_lps = [s.ids for s in scored], [s.topk_logprobs for s in scored]
-                else:
-                    teacher_lp = teacher.score(prompts, responses)
-            except TeacherServerError as e:  # raised before write_part: this part stays missing, to redo on resume
-                if e.record is None:
-                    raise
-                raise TeacherServerError(f"sample {rollouts[e.record].id!r} (part {index}): {e}", record=None) from e
-            rollout_lp: list[np.ndarray | None] = [r.rollout_logprobs for r in rollouts]
-            need = [k for k, lp in enumerate(rollout_lp) if lp is None]
-            if policy is not None and need:
-                for k, lp in zip(need, policy.score([prompts[k] for k in need], [responses[k] for k in need])):
-                    rollout_lp[k] = lp
-            table = build_table(
-                [r.id for r in rollouts], prompts, responses, teacher_lp, rollout_lp, topk_ids, topk_lps
-            )
-            run.write_part(index, table)
-            tokens += sum(len(r) for r in responses)
-            bar.update(len(rollouts))
-            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
+        for key, route in routes.items():
+            mine = [(i, seg) for i in todo for k, seg in route_of_rows(ranges, plan.part_rows(i)) if k == key]
+            if not mine:
+                continue
+            teacher = cfg.backend.load(route.teacher, cfg.job())
+            if teacher.info.fingerprint != recorded[key]:
+                raise TeacherMismatch(f"{route.teacher} changed on disk while the job was starting; run it again")
+            for index, rows in mine:
+                rollouts = load_rollouts(scan, scan.records[rows], tokenizer)
+                pending.setdefault(index, []).append(_score_rows(cfg, teacher, rollouts, index))
+                segments = route_of_rows(ranges, plan.part_rows(index))
+                if segments[-1][0] != key:
+                    continue  # the rest of this part is another route's: written once that teacher has scored it
+                pieces = pending.pop(index)
+                run.write_part(index, _part_table(pieces, policy))
+                tokens += sum(len(r.response_ids) for piece in pieces for r in piece[0])
+                bar.update(plan.parts[index].num_samples)
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
+            teacher.close()
+            teacher = None
     finally:
         bar.close()
-        teacher.close()
+        if teacher is not None:
+            teacher.close()
         if policy is not None:
             policy.close()
 
 
-def _check_model_dirs(cfg: PrecomputeConfig) -> None:
-    for label, path in (("teacher", cfg.teacher), ("rollout policy", cfg.rollout_policy)):
+def _score_rows(
+    cfg: PrecomputeConfig, teacher: Any, rollouts: list[Any], index: int
+) -> tuple[list[Any], list[np.ndarray], list[np.ndarray] | None, list[np.ndarray] | None]:
+    """(rollouts, teacher log-probs, top-k ids, top-k log-probs) of some rows of part `index`."""
+    prompts = [r.prompt_ids for r in rollouts]
+    responses = [r.response_ids for r in rollouts]
+    try:
+        if cfg.top_k:
+            scored = teacher.score_topk(prompts, responses)
+            return rollouts, [s.logprobs for s in scored], [s.ids for s in scored], [s.topk_logprobs for s in scored]
+        return rollouts, teacher.score(prompts, responses), None, None
+    except TeacherServerError as e:  # raised before write_part: this part stays missing, to redo on resume
+        if e.record is None:
+            raise
+        raise TeacherServerError(f"sample {rollouts[e.record].id!r} (part {index}): {e}", record=None) from e
+
+
+def _part_table(
+    pieces: list[tuple[list[Any], list[np.ndarray], list[np.ndarray] | None, list[np.ndarray] | None]], policy: Any
+) -> Any:
+    """One part's table from its scored pieces (in row order), with rollout log-probs from `policy` where missing."""
+    rollouts = [r for p in pieces for r in p[0]]
+    teacher_lp = [a for p in pieces for a in p[1]]
+    topk_ids = None if pieces[0][2] is None else [a for p in pieces for a in p[2] or []]
+    topk_lps = None if pieces[0][3] is None else [a for p in pieces for a in p[3] or []]
+    prompts = [r.prompt_ids for r in rollouts]
+    responses = [r.response_ids for r in rollouts]
+    rollout_lp: list[np.ndarray | None] = [r.rollout_logprobs for r in rollouts]
+    need = [k for k, lp in enumerate(rollout_lp) if lp is None]
+    if policy is not None and need:
+        for k, lp in zip(need, policy.score([prompts[k] for k in need], [responses[k] for k in need])):
+            rollout_lp[k] = lp
+    return build_table([r.id for r in rollouts], prompts, responses, teacher_lp, rollout_lp, topk_ids, topk_lps)
+
+
+def _routes(cfg: PrecomputeConfig) -> dict[str | None, TeacherRoute]:
+    """The teachers of this run by routing key: the one of --teacher (key None), or those of --teacher-map."""
+    if cfg.teacher_map is None:
+        assert cfg.teacher is not None and cfg.sft_teacher is not None  # the config's check
+        return {None: TeacherRoute(teacher=cfg.teacher, sft_teacher=cfg.sft_teacher)}
+    return {k: r for k, r in load_teacher_map(cfg.teacher_map).items()}
+
+
+def _check_model_dirs(cfg: PrecomputeConfig, routes: dict[str | None, TeacherRoute]) -> None:
+    named = [(f"teacher {k!r} of --teacher-map" if k else "teacher", r.teacher) for k, r in routes.items()]
+    for label, path in (*named, ("rollout policy", cfg.rollout_policy)):
         if path is not None and not Path(path).is_dir():
             raise InvalidInput(f"{label} {path} is not a model directory")
+
+
+def _routes_digest(pairs: list[tuple[str | None, str]]) -> str:
+    return "routes:" + hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+def _routes_summary(
+    cfg: PrecomputeConfig, routes: dict[str | None, TeacherRoute], fps: dict[str | None, tuple[str, str]]
+) -> tuple[ModelRef, str]:
+    """The top-level teacher and SFT-teacher fingerprint of a multi-teacher dataset: digests of the routes' (key,
+    fingerprint) pairs, equal exactly when every route's teacher is its SFT-data teacher."""
+    teacher = ModelRef(
+        name_or_path=f"{len(routes)} routed teachers ({cfg.teacher_map}; see provenance.routes)",
+        fingerprint=_routes_digest([(k, fps[k][0]) for k in routes]),
+        architecture=None,
+    )
+    return teacher, _routes_digest([(k, fps[k][1]) for k in routes])
+
+
+def _route_provenance(
+    cfg: PrecomputeConfig,
+    routes: dict[str | None, TeacherRoute],
+    fps: dict[str | None, tuple[str, str]],
+    ranges: dict[str | None, tuple[int, int]],
+    prov: Provenance,
+) -> list[Route]:
+    return [
+        Route(
+            key=str(k),
+            teacher=_model_ref(r.teacher, fps[k][0]),
+            sft_teacher_fingerprint=fps[k][1],
+            sft_teacher_source=None if is_fingerprint(r.sft_teacher) else str(r.sft_teacher),
+            consistency=Consistency(
+                teacher_consistent=fps[k][0] == fps[k][1],
+                mismatch_allowed=cfg.allow_teacher_mismatch,
+                rollout_tokenizer_checked=prov.consistency.rollout_tokenizer_checked,
+            ),
+            start=ranges[k][0],
+            num_samples=ranges[k][1],
+        )
+        for k, r in routes.items()
+    ]
 
 
 def _load_tokenizer(model_dir: Path) -> Any:
@@ -405,8 +566,9 @@ def _model_ref(path: Path, fingerprint: str) -> ModelRef:
 def _provenance(
     cfg: PrecomputeConfig,
     scan: RolloutScan,
-    teacher_fp: str,
+    teacher_ref: ModelRef,
     sft_fp: str,
+    sft_source: str,
     tok_fp: str,
     rollout_tok_fp: str | None,
     consistent: bool,
@@ -425,10 +587,10 @@ def _provenance(
         policy = sampling.policy
     computed = source in ("rollout_policy", "mixed") and cfg.rollout_policy is not None
     return Provenance(
-        teacher=_model_ref(cfg.teacher, teacher_fp),
+        teacher=teacher_ref,
         tokenizer_fingerprint=tok_fp,
         sft_teacher_fingerprint=sft_fp,
-        sft_teacher_source=None if is_fingerprint(cfg.sft_teacher) else str(cfg.sft_teacher),
+        sft_teacher_source=None if is_fingerprint(sft_source) else str(sft_source),
         rollout_policy=policy,
         rollout_tokenizer_fingerprint=rollout_tok_fp,
         rollout_logprobs_source=source,
@@ -480,4 +642,6 @@ def _run_key(cfg: PrecomputeConfig, prov: Provenance) -> str:
         key["sampling"] = prov.sampling.model_dump(exclude={"policy": {"name_or_path"}})
     if cfg.top_k:  # likewise: runs without top-k keep their keys
         key["top_k"] = cfg.top_k
+    if prov.routes:  # multi-teacher: the routing field and each route's samples (teachers: in the digests above)
+        key["routes"] = [cfg.teacher_key, [[r.key, r.start, r.num_samples] for r in prov.routes]]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

@@ -7,9 +7,10 @@ is already stored (parts and versions are only ever added by atomic renames) and
 from __future__ import annotations
 
 import errno
-from pathlib import Path
 
 from lopd.errors import LopdError
+
+from .fs import StoreDir
 
 
 class StoreUnwritable(LopdError):
@@ -19,7 +20,7 @@ class StoreUnwritable(LopdError):
 _AGAIN = "then run the same command again: parts already written are kept and only the missing ones are scored"
 
 
-def store_fault(err: OSError, store: Path) -> StoreUnwritable | None:
+def store_fault(err: OSError, store: StoreDir) -> StoreUnwritable | None:
     """The `StoreUnwritable` an `OSError` while writing `store` means, or None when it is no operator fault."""
     where = err.filename or store
     if err.errno in (errno.ENOSPC, errno.EDQUOT):

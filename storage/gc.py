@@ -35,6 +35,7 @@ from lopd.errors import InvalidInput, NotFound
 
 from . import layout
 from .atomic import TMP_PREFIX, fsync_dir
+from .fs import entries
 from .publish import dataset_lock, published_versions
 from .reader import Store
 from .readers import read_leases, versions_being_read
@@ -83,7 +84,8 @@ def collect_garbage(
         raise InvalidInput(f"--keep is {keep}; it must be at least 1: gc never removes a dataset's newest version")
     if staging_older_than_s < 0:
         raise InvalidInput("--staging-older-than must not be negative")
-    root = Store(layout.check_store_path(store)).root
+    root = layout.local_store(store, "lopd gc")
+    Store(root)  # NotFound unless it is a store
     ddir = layout.dataset_dir(root, dataset)
     if not ddir.is_dir():
         raise NotFound(f"no dataset {dataset!r} in store {root}; datasets: {Store(root).datasets()}")
@@ -184,7 +186,7 @@ def _leftovers(root: Path, dataset: str, dry_run: bool, now: float, report: GcRe
     for directory in (ddir, staging):
         if not directory.is_dir():
             continue
-        for p in sorted(directory.iterdir()):
+        for p in entries(directory):
             origin = layout.tombstone_origin(p.name) if directory == ddir else None
             version = layout.parse_version_dir(origin) if origin else None
             vdir = layout.version_dir(root, dataset, version) if version is not None else p

@@ -10,6 +10,9 @@ restoring it). Three checks keep a reader from serving damaged bytes, cheapest f
   is used (in-place writes, a replaced file);
 - a scrub re-hashes every file at a bounded rate (`hash_file(bytes_per_s=...)`), for damage that
   changes neither the stat nor the pages read so far (or shards written before page checksums).
+
+On object storage the stamp is what a HEAD request says (size and last-modified; an overwritten or
+deleted object changes it), and hashing streams the object.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from lopd.errors import Corrupt
 
+from .fs import ObjectPath, StoreDir, entries, open_binary
 from .manifest import FileEntry
 
 _CHUNK = 1 << 20
@@ -39,17 +42,20 @@ class FileStamp:
     ctime_ns: int
 
     @classmethod
-    def of(cls, path: Path) -> FileStamp:
+    def of(cls, path: StoreDir) -> FileStamp:
+        if isinstance(path, ObjectPath):
+            size, mtime_ns = path.size_and_mtime()
+            return cls(0, 0, size, mtime_ns, mtime_ns)
         st = os.stat(path)
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def hash_file(path: Path, *, bytes_per_s: float | None = None, stop: threading.Event | None = None) -> str | None:
+def hash_file(path: StoreDir, *, bytes_per_s: float | None = None, stop: threading.Event | None = None) -> str | None:
     """sha256 (hex) of `path`, reading at most `bytes_per_s` (unbounded when None); None if `stop` was set."""
     h = hashlib.sha256()
     started = time.monotonic()
     done = 0
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         while block := f.read(_CHUNK):
             h.update(block)
             done += len(block)
@@ -63,7 +69,7 @@ def hash_file(path: Path, *, bytes_per_s: float | None = None, stop: threading.E
 
 
 def verify_file(
-    path: Path, entry: FileEntry, *, bytes_per_s: float | None = None, stop: threading.Event | None = None
+    path: StoreDir, entry: FileEntry, *, bytes_per_s: float | None = None, stop: threading.Event | None = None
 ) -> FileStamp | None:
     """Check `path`'s size and sha256 against `entry`; the stamp it had before hashing (None if stopped).
 
@@ -87,11 +93,11 @@ def verify_file(
     return stamp
 
 
-def directory_stamps(directory: Path) -> tuple[tuple[str, FileStamp], ...]:
+def directory_stamps(directory: StoreDir) -> tuple[tuple[str, FileStamp], ...]:
     """Stamps of every file in `directory`, by name: changes when any file is written, replaced or removed."""
     out = []
     try:
-        for p in sorted(directory.iterdir()):
+        for p in entries(directory):
             try:
                 out.append((p.name, FileStamp.of(p)))
             except OSError:

@@ -40,6 +40,7 @@ from lopd.arrow import NullValueError, list_column, list_lengths, list_rows
 from lopd.errors import InvalidInput
 from lopd.fingerprint import tokenizer_fingerprint
 
+from . import layout
 from .atomic import atomic_write
 from .manifest import (
     IMPORT_BACKEND_PREFIX,
@@ -175,7 +176,7 @@ def import_lightning_opd(
     for f in files:
         if not f.is_file():
             raise InvalidInput(f"{f} is not a file")
-    store = Path(store_dir)
+    store = layout.check_store_path(store_dir)
     tok_fp = tokenizer_fingerprint(tokenizer)
 
     ids: list[str] = []

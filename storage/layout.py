@@ -15,8 +15,8 @@
       .readers/<host>-<pid>-<rand>.json   a live reader's lease (storage/readers.py)
 
 Dataset names come from users and URLs, so they are validated here and never used to build a
-path before passing `validate_name`. Store paths are local (or mounted) directories:
-`check_store_path` refuses URLs until object storage exists.
+path before passing `validate_name`. A store is a local (or mounted) directory or an
+`s3://bucket/prefix` (`storage/fs.py` decides; every path below is a `StoreDir`, either kind).
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 from lopd.errors import Corrupt, InvalidInput
+
+from .fs import ObjectPath, S, StoreDir, store_location
 
 STORE_MARKER = "lopd-store.json"
 MANIFEST = "manifest.json"
@@ -44,32 +46,35 @@ def worker_lock_name(worker: int) -> str:
     return f".worker-{worker:06d}.lock"
 
 
+# In a version directory on object storage: which run is publishing that version number (written with
+# `If-None-Match: *` before anything else of the version; see `publish`). Not a file of the version.
+CLAIM = ".claim"
 READERS = ".readers"
 TOMBSTONE_PREFIX = ".gc-"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
-# `scheme://...` as typed, or `scheme:/...` once `pathlib.Path` has collapsed the double slash. Two letters
-# at least, so a Windows drive (`C:/`) is not a scheme.
-_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
 
 
-def check_store_path(path: str | os.PathLike[str]) -> Path:
-    """`path` as a store directory; `InvalidInput` for a URL (`s3://bucket/x`), which is not supported yet.
+def check_store_path(path: str | os.PathLike[str] | ObjectPath) -> StoreDir:
+    """`path` as a store: `s3://bucket/prefix` (an `ObjectPath`) or a local directory; `InvalidInput` for other URLs.
 
-    Without this check `Path("s3://bucket/x")` is the local relative directory `s3:/bucket/x`, and a
+    Without this check `Path("gs://bucket/x")` is the local relative directory `gs:/bucket/x`, and a
     job would silently write its store there.
     """
-    text = os.fspath(path)
-    m = _URL_RE.match(text)
-    if m:
-        shown = f"{m.group(1)}://{text[m.end() :].lstrip('/')}"  # as typed, before Path collapsed the slashes
+    return store_location(path)
+
+
+def local_store(path: str | os.PathLike[str] | ObjectPath, command: str) -> Path:
+    """`check_store_path` for what works on local stores only (locks, renames): `InvalidInput` for s3://."""
+    store = check_store_path(path)
+    if isinstance(store, ObjectPath):
         raise InvalidInput(
-            f"store {shown!r} is a URL ({m.group(1)}://); stores are local or mounted directories for now: mount "
-            "the bucket (s3fs, gcsfuse, ...) and give its path (for a local directory really named so, give its "
-            "absolute path)"
+            f"{command} works on local stores only: it relies on file locks and renames, which object storage lacks "
+            "(remove old versions there with the bucket's lifecycle rules, or `aws s3 rm --recursive` of a version "
+            "prefix no replica serves)"
         )
-    return Path(path)
+    return store
 
 
 def validate_name(name: str) -> str:
@@ -94,15 +99,15 @@ def parse_version_dir(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def dataset_dir(store: Path, name: str) -> Path:
+def dataset_dir(store: S, name: str) -> S:
     return store / validate_name(name)
 
 
-def version_dir(store: Path, name: str, version: int) -> Path:
+def version_dir(store: S, name: str, version: int) -> S:
     return dataset_dir(store, name) / version_dir_name(version)
 
 
-def version_file(version_path: Path, file_name: str) -> Path:
+def version_file(version_path: S, file_name: str) -> S:
     """A file a version's manifest lists (a shard or `skipped.parquet`), inside `version_path`.
 
     The name comes from the manifest, so a name that would leave the version directory is refused
@@ -113,22 +118,22 @@ def version_file(version_path: Path, file_name: str) -> Path:
     return version_path / file_name
 
 
-def staging_root(store: Path, name: str) -> Path:
+def staging_root(store: S, name: str) -> S:
     return dataset_dir(store, name) / STAGING
 
 
-def staging_dir(store: Path, name: str, run_key: str) -> Path:
+def staging_dir(store: S, name: str, run_key: str) -> S:
     if not re.fullmatch(r"[0-9a-f]{16,64}", run_key):
         raise InvalidInput(f"invalid run key {run_key!r}")
     return staging_root(store, name) / run_key[:16]
 
 
-def readers_dir(store: Path) -> Path:
+def readers_dir(store: S) -> S:
     """Where live readers keep their leases (`storage.readers`)."""
     return store / READERS
 
 
-def tombstone_for(path: Path) -> Path:
+def tombstone_for(path: S) -> S:
     """A fresh name next to `path` that no reader lists (not a version, not a run): where gc moves it first."""
     return path.with_name(f"{TOMBSTONE_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
 
@@ -144,8 +149,14 @@ def tombstone_origin(name: str) -> str | None:
 
 
 def _store_path_field(value: Any) -> Any:
-    return check_store_path(value) if isinstance(value, (str, os.PathLike)) else value
+    return check_store_path(value) if isinstance(value, (str, os.PathLike, ObjectPath)) else value
 
 
-# A settings field holding a store directory: URLs are refused by `check_store_path`, in one place.
-StorePath = Annotated[Path, BeforeValidator(_store_path_field)]
+# A settings field holding a store: a local directory or `s3://bucket/prefix`, decided by `check_store_path`
+# in one place; shown and dumped as the string given.
+StorePath = Annotated[
+    StoreDir,
+    BeforeValidator(_store_path_field),
+    PlainSerializer(str, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "path"}),
+]

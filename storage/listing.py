@@ -70,7 +70,7 @@ class StoreListing(BaseModel):
 
 def list_store(store: str | Path, now: float | None = None) -> StoreListing:
     """Datasets (published or with a run in staging), their versions and runs, and the store's readers."""
-    root = Store(layout.check_store_path(store)).root
+    root = layout.local_store(store, "lopd ls")
     t = time.time() if now is None else now
     reading = versions_being_read(root, t)
     s = Store(root)

@@ -85,6 +85,20 @@ class Consistency(_Model):
         return "consistent" if self.teacher_consistent else "inconsistent"
 
 
+class Route(_Model):
+    """One teacher of a multi-teacher dataset (`lopd precompute --teacher-map`): the records whose routing key is
+    `key`, scored by `teacher`, and that teacher's own consistency. Its samples are the dataset indices
+    `start .. start + num_samples - 1` (a multi-teacher dataset is ordered by route)."""
+
+    key: str = Field(description="The value of the records' routing field (`provenance.teacher_key`).")
+    teacher: ModelRef
+    sft_teacher_fingerprint: str = Field(description="The model that generated this domain's SFT data.")
+    sft_teacher_source: str | None = Field(description="The path given for it, or null when a fingerprint was given.")
+    consistency: Consistency
+    start: int = Field(ge=0, description="Dataset index of the route's first sample.")
+    num_samples: int = Field(ge=0)
+
+
 class Provenance(_Model):
     teacher: ModelRef
     tokenizer_fingerprint: str = Field(description="Fingerprint of the teacher's vocabulary (id -> token).")
@@ -116,6 +130,19 @@ class Provenance(_Model):
         "stores without top-k keep their exact form.",
         exclude_if=lambda k: k == 0,
     )
+    teacher_key: str | None = Field(
+        default=None,
+        description="Multi-teacher datasets: the rollout record field that chose each sample's teacher; absent "
+        "(null) for one teacher.",
+        exclude_if=lambda k: k is None,
+    )
+    routes: list[Route] = Field(
+        default_factory=list,
+        description="Multi-teacher datasets: each teacher, its consistency and its samples, in dataset order. The "
+        "top-level `teacher`, `sft_teacher_fingerprint` and `consistency` then summarise them (consistent only "
+        "if every route is). Absent for one teacher, so those manifests keep their form.",
+        exclude_if=lambda r: not r,
+    )
 
     @property
     def provenance_known(self) -> bool:
@@ -125,6 +152,14 @@ class Provenance(_Model):
 
 def verdict_explanation(prov: Provenance) -> str:
     """Why a version has its verdict, and for an inconsistent one what would fix it (one line, for people)."""
+    if prov.routes:
+        bad = [r.key for r in prov.routes if not r.consistency.teacher_consistent]
+        if not bad:
+            return f"each of the {len(prov.routes)} routed teachers is the model that generated its domain's SFT data"
+        return (
+            f"routed teacher(s) {', '.join(repr(k) for k in bad)} are not the model that generated their domain's "
+            "SFT data (built with --allow-teacher-mismatch); score those domains again with their SFT-data teacher"
+        )
     if prov.consistency.teacher_consistent:
         return "the scoring teacher is the model that generated the SFT data"
     if not prov.provenance_known:

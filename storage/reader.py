@@ -21,17 +21,19 @@ import pyarrow.parquet as pq
 from lopd.errors import Corrupt, InvalidInput, NotFound
 
 from . import layout
+from .cache import RowGroupCache
+from .fs import StoreDir, entries, parquet_file, read_schema, read_table
 from .integrity import FileStamp, verify_file
 from .manifest import Manifest, read_manifest
 from .publish import published_versions
-from .schema import COLUMNS, META_SCORED_WITH, SAMPLE_SCHEMA, TOKEN_COLUMNS, token_lengths
+from .schema import META_SCORED_WITH, TOKEN_COLUMNS, column_type, sample_columns, sample_schema, token_lengths
 from .staging import list_staging_plans
 
 
 class Store:
     """A store directory: a catalogue of datasets, each with immutable versions."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path | StoreDir) -> None:
         self.root = layout.check_store_path(root)
         if not (self.root / layout.STORE_MARKER).is_file():
             raise NotFound(f"{self.root} is not a lightning-opd store (no {layout.STORE_MARKER})")
@@ -85,7 +87,7 @@ class Store:
 
     def _dataset_dirs(self) -> Iterator[tuple[str, list[int]]]:
         """(name, published versions) of every directory that may be a dataset, in name order."""
-        for p in sorted(self.root.iterdir()):
+        for p in entries(self.root):
             try:
                 if p.name.startswith(".") or not p.is_dir():
                     continue
@@ -96,7 +98,7 @@ class Store:
             yield name, versions
 
 
-def read_version_manifest(root: Path, name: str, version: int) -> Manifest:
+def read_version_manifest(root: StoreDir, name: str, version: int) -> Manifest:
     """The manifest of `name` v`version`; `Corrupt` when it describes another version (a moved directory).
 
     `name` and `version` must come from `Store.catalogue()` (or `Store.versions`): the path is built from them.
@@ -108,15 +110,22 @@ def read_version_manifest(root: Path, name: str, version: int) -> Manifest:
 
 
 def open_version(
-    root: Path, name: str, version: int, *, verify: bool = True, on_corrupt: Callable[[str], None] | None = None
+    root: StoreDir,
+    name: str,
+    version: int,
+    *,
+    verify: bool = True,
+    on_corrupt: Callable[[str], None] | None = None,
+    cache: RowGroupCache | None = None,
 ) -> Dataset:
     """Open a version found in the catalogue without listing the store again; `verify` checks every file's sha256.
 
     For callers that keep their own copy of `Store.catalogue()` (a server); others use `Store.open`.
-    `on_corrupt(message)` is called when a later read finds damage (see `Dataset`).
+    `on_corrupt(message)` is called when a later read finds damage (see `Dataset`); `cache` keeps
+    decoded row groups (see `RowGroupCache`).
     """
     manifest = read_version_manifest(root, name, version)
-    ds = Dataset(layout.version_dir(root, name, version), manifest, on_corrupt=on_corrupt)
+    ds = Dataset(layout.version_dir(root, name, version), manifest, on_corrupt=on_corrupt, cache=cache)
     if verify:
         ds.verify()
     return ds
@@ -130,12 +139,22 @@ class Dataset:
     their CRC32 verified (shards written with page checksums). Any mismatch or decode failure raises
     `Corrupt` naming the shard, marks this object damaged (every later `take` raises too) and calls
     `on_corrupt(message)` once; no damaged byte is ever returned as data.
+
+    With a `cache`, row groups are read one by one and kept once they passed those checks; a read
+    whose row groups are all cached touches no file (for object storage, where each read is a GET).
     """
 
     def __init__(
-        self, path: Path, manifest: Manifest | None = None, *, on_corrupt: Callable[[str], None] | None = None
+        self,
+        path: StoreDir,
+        manifest: Manifest | None = None,
+        *,
+        on_corrupt: Callable[[str], None] | None = None,
+        cache: RowGroupCache | None = None,
     ) -> None:
         self.path = path
+        self.cache = cache
+        self._row_group_starts: dict[int, np.ndarray] = {}  # shard index -> first row of each row group
         self.manifest = manifest if manifest is not None else read_manifest(path / layout.MANIFEST)
         self._starts = np.array([f.first_index for f in self.manifest.files], dtype=np.int64)
         # One set of open Parquet handles per thread: a shared handle would need a lock around every
@@ -160,7 +179,7 @@ class Dataset:
     def version(self) -> int:
         return self.manifest.version
 
-    def shard_paths(self) -> list[Path]:
+    def shard_paths(self) -> list[StoreDir]:
         """The shards, in dataset order (what DuckDB queries and readers open)."""
         return [layout.version_file(self.path, f.path) for f in self.manifest.files]
 
@@ -173,7 +192,7 @@ class Dataset:
         out: list[dict[str, object]] = []
         for path in self.shard_paths():
             try:
-                meta = pq.read_schema(path).metadata or {}
+                meta = read_schema(path).metadata or {}
                 raw = meta.get(META_SCORED_WITH)
                 out.append(json.loads(raw) if raw else {})
             except (OSError, pa.ArrowException, ValueError) as e:
@@ -246,7 +265,7 @@ class Dataset:
         parts = []
         for path in self.shard_paths():
             try:
-                table = pq.read_table(path, columns=list(TOKEN_COLUMNS), page_checksum_verification=True)
+                table = read_table(path, columns=list(TOKEN_COLUMNS), page_checksum_verification=True)
             except (OSError, pa.ArrowException) as e:
                 raise Corrupt(f"{path}: unreadable Parquet ({e})") from e
             prompt, response = token_lengths(table)
@@ -257,10 +276,10 @@ class Dataset:
         return counts
 
     def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
-        cols = list(columns) if columns is not None else list(COLUMNS)
-        tables = [pq.read_table(p, columns=cols, page_checksum_verification=True) for p in self.shard_paths()]
+        cols = list(columns) if columns is not None else list(sample_columns(self.manifest.provenance.top_k))
+        tables = [read_table(p, columns=cols, page_checksum_verification=True) for p in self.shard_paths()]
         if not tables:
-            return SAMPLE_SCHEMA.empty_table().select(cols)
+            return sample_schema(self.manifest.provenance.top_k).empty_table().select(cols)
         return pa.concat_tables(tables).replace_schema_metadata(None)
 
     def take(self, indices: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> pa.Table:
@@ -269,11 +288,11 @@ class Dataset:
         Reads only the row groups that hold them (64 samples each by default).
         """
         idx = np.asarray(indices, dtype=np.int64)
-        cols = list(columns) if columns is not None else list(COLUMNS)
+        cols = list(columns) if columns is not None else list(sample_columns(self.manifest.provenance.top_k))
         if self.damage is not None:
             raise Corrupt(self.damage)
         if idx.size == 0:
-            return SAMPLE_SCHEMA.empty_table().select(cols)
+            return sample_schema(self.manifest.provenance.top_k).empty_table().select(cols)
         n = len(self)
         bad = idx[(idx < 0) | (idx >= n)]
         if bad.size:
@@ -293,6 +312,10 @@ class Dataset:
 
     def _read_rows(self, file_index: int, local: np.ndarray, cols: list[str]) -> tuple[pa.Table, np.ndarray]:
         """Read the row groups covering `local` rows; return them and each row's position in the result."""
+        if self.cache is not None:
+            cached = self._cached_rows(file_index, local, cols)
+            if cached is not None:
+                return cached
         stamp = self._check_unchanged(file_index)
         try:
             pf = self._parquet(file_index, stamp)
@@ -300,27 +323,57 @@ class Dataset:
             rg_starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
             rg_of = np.searchsorted(rg_starts, local, side="right") - 1
             groups = np.unique(rg_of)
-            table = pf.read_row_groups([int(g) for g in groups], columns=cols)
+            if self.cache is None:
+                table = pf.read_row_groups([int(g) for g in groups], columns=cols)
+            else:  # one table per group, so that each cache entry owns its buffers
+                pieces = [pf.read_row_group(int(g), columns=cols) for g in groups]
+                table = pa.concat_tables(pieces)
             expected = int(sum(md.row_group(int(g)).num_rows for g in groups))
             if table.num_rows != expected or table.column_names != cols:
                 raise ValueError(
                     f"decoded {table.num_rows} rows of {table.column_names}, expected {expected} of {cols}"
                 )
             for name in cols:
-                if not table.schema.field(name).type.equals(SAMPLE_SCHEMA.field(name).type, check_metadata=False):
+                if not table.schema.field(name).type.equals(column_type(name), check_metadata=False):
                     raise ValueError(f"column {name} decoded as {table.schema.field(name).type}")
         except (OSError, pa.ArrowException, ValueError, KeyError, IndexError) as e:
             name = self.manifest.files[file_index].path
             self._damaged(f"{self.path / name}: unreadable Parquet ({type(e).__name__}: {e})")
+        if self.cache is not None:
+            self._row_group_starts[file_index] = rg_starts
+            for g, piece in zip(groups, pieces):
+                self.cache.put(self._cache_key(file_index, int(g), cols), piece)
         base = {int(g): int(sum(md.row_group(int(h)).num_rows for h in groups[:k])) for k, g in enumerate(groups)}
         where = np.array([base[int(g)] + int(r - rg_starts[g]) for r, g in zip(local, rg_of)], dtype=np.int64)
         return table, where
+
+    def _cache_key(self, file_index: int, group: int, cols: list[str]) -> tuple[str, int, tuple[str, ...]]:
+        return (self.manifest.files[file_index].sha256, group, tuple(cols))
+
+    def _cached_rows(self, file_index: int, local: np.ndarray, cols: list[str]) -> tuple[pa.Table, np.ndarray] | None:
+        """`_read_rows` from the cache alone, or None when a row group (or the shard's layout) is not cached."""
+        assert self.cache is not None
+        rg_starts = self._row_group_starts.get(file_index)
+        if rg_starts is None:
+            return None
+        rg_of = np.searchsorted(rg_starts, local, side="right") - 1
+        groups = np.unique(rg_of)
+        pieces = []
+        for g in groups:
+            piece = self.cache.get(self._cache_key(file_index, int(g), cols))
+            if piece is None:
+                return None
+            pieces.append(piece)
+        sizes = np.diff(rg_starts)
+        base = {int(g): int(sizes[groups[:k]].sum()) for k, g in enumerate(groups)}
+        where = np.array([base[int(g)] + int(r - rg_starts[g]) for r, g in zip(local, rg_of)], dtype=np.int64)
+        return pa.concat_tables(pieces), where
 
     def _parquet(self, file_index: int, stamp: FileStamp | None) -> pq.ParquetFile:
         # A handle is kept per thread for the stamp it was opened under: a replaced file is reopened.
         files: dict[int, tuple[FileStamp | None, pq.ParquetFile]] = self._local.__dict__.setdefault("files", {})
         held = files.get(file_index)
         if held is None or held[0] != stamp:
-            pf = pq.ParquetFile(self.shard_paths()[file_index], page_checksum_verification=self.verify_pages)
+            pf = parquet_file(self.shard_paths()[file_index], page_checksum_verification=self.verify_pages)
             files[file_index] = held = (stamp, pf)
         return held[1]

@@ -29,12 +29,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import layout
 from .atomic import TMP_PREFIX, atomic_write_bytes
+from .fs import S, StoreDir, entries
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class ReaderLease:
 
     def __init__(
         self,
-        store: Path,
+        store: StoreDir,
         reads: Callable[[], Mapping[Key, float]],
         *,
         renew_s: float = LEASE_RENEW_S,
@@ -182,13 +182,13 @@ class ReaderLease:
                 log.exception("renewing the reader lease failed")
 
 
-def read_leases(store: Path) -> dict[Path, Lease | None]:
+def read_leases(store: S) -> dict[S, Lease | None]:
     """Every lease file of the store and its content (None when it cannot be parsed)."""
-    out: dict[Path, Lease | None] = {}
+    out: dict[S, Lease | None] = {}
     directory = layout.readers_dir(store)
     if not directory.is_dir():
         return out
-    for p in sorted(directory.iterdir()):
+    for p in entries(directory):
         if p.name.startswith(TMP_PREFIX) or p.suffix != ".json":
             continue
         try:
@@ -201,7 +201,7 @@ def read_leases(store: Path) -> dict[Path, Lease | None]:
     return out
 
 
-def versions_being_read(store: Path, now: float | None = None) -> dict[Key, list[str]]:
+def versions_being_read(store: StoreDir, now: float | None = None) -> dict[Key, list[str]]:
     """{(dataset, version): names of the live leases reading it} at `now` (default: the current time)."""
     t = time.time() if now is None else now
     out: dict[Key, list[str]] = {}

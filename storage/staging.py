@@ -8,13 +8,16 @@ where a crash happened, every way of running the job produces the same parts.
 
 Every worker of a run holds a shared lock on the run's `.lock` file while it works (`Staging.hold`),
 so `lopd gc` can tell a run someone is writing from an abandoned one: the lock goes with the process,
-even after `kill -9`.
+even after `kill -9`. Object storage has no such locks: there the cluster scheduler runs each worker
+index once (a Slurm array task, a Kubernetes Indexed Job pod), and two copies of one worker would
+only write the same bytes twice (docs/store-format.md, "On object storage").
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -32,6 +35,7 @@ from lopd.errors import Conflict, Corrupt, InvalidInput
 
 from . import layout
 from .atomic import atomic_write, atomic_write_bytes, remove_stale_tmp
+from .fs import StoreDir, entries, is_object, parquet_file
 from .manifest import Provenance
 from .schema import (
     FORMAT_VERSION,
@@ -40,7 +44,7 @@ from .schema import (
     META_RUN_KEY,
     META_SCORED_WITH,
     META_TEACHER,
-    PARQUET_WRITE_OPTIONS,
+    write_options,
 )
 
 log = logging.getLogger(__name__)
@@ -124,7 +128,7 @@ def plan_parts(sample_ids: Sequence[str], samples_per_part: int) -> list[PartPla
     ]
 
 
-def ensure_store(store: Path) -> None:
+def ensure_store(store: StoreDir) -> None:
     """Create the store directory and its marker if needed (idempotent, safe under races); URLs are refused."""
     layout.check_store_path(store)
     store.mkdir(parents=True, exist_ok=True)
@@ -136,13 +140,13 @@ def ensure_store(store: Path) -> None:
 class Staging:
     """The staging directory of one run (`<dataset>/.staging/<run-key>/`)."""
 
-    def __init__(self, store: Path, dataset: str, run_key: str) -> None:
+    def __init__(self, store: StoreDir, dataset: str, run_key: str) -> None:
         self.store = store
         self.dataset = dataset
         self.run_key = run_key
         self.dir = layout.staging_dir(store, dataset, run_key)
 
-    def part_path(self, index: int) -> Path:
+    def part_path(self, index: int) -> StoreDir:
         return self.dir / layout.part_name(index)
 
     def hold(self) -> IO[str]:
@@ -153,6 +157,8 @@ class Staging:
         lock is taken again on a fresh directory.
         """
         ensure_store(self.store)
+        if is_object(self.dir):
+            return io.StringIO()  # no locks on object storage (and no gc of staging there): a handle to close
         for _ in range(100):
             make_dirs(self.dir)
             path = self.dir / layout.LOCK
@@ -176,8 +182,11 @@ class Staging:
         """Hold worker `worker`'s exclusive lock of this run until the returned file is closed (call after `hold`).
 
         Raises `Conflict` when another live process holds it: a second identical job (same run, same
-        worker index) would score the same parts again and race the first one's publish.
+        worker index) would score the same parts again and race the first one's publish. On object
+        storage nothing is held: the scheduler starts each index once (see the module docstring).
         """
+        if is_object(self.dir):
+            return io.StringIO()
         f = open(self.dir / layout.worker_lock_name(worker), "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -228,7 +237,7 @@ class Staging:
 
     def write_part(
         self, index: int, table: pa.Table, teacher_fingerprint: str, scored_with: Mapping[str, object] | None = None
-    ) -> Path:
+    ) -> StoreDir:
         """Write part `index` atomically; `scored_with` (batch budgets, ...) goes into its footer when given."""
         meta = {
             META_FORMAT: str(FORMAT_VERSION).encode(),
@@ -242,7 +251,7 @@ class Staging:
         path = self.part_path(index)
 
         def write(tmp: Path) -> None:
-            pq.write_table(table, tmp, **PARQUET_WRITE_OPTIONS)
+            pq.write_table(table, tmp, **write_options(table.schema))
             crash_point("during_part_write")
 
         atomic_write(path, write)
@@ -255,10 +264,10 @@ def missing_parts(staging: Staging, plan: RunPlan) -> list[int]:
     return [p.index for p in plan.parts if not staging.part_path(p.index).exists()]
 
 
-def check_part(path: Path, part: PartPlan, plan: RunPlan) -> None:
+def check_part(path: StoreDir, part: PartPlan, plan: RunPlan) -> None:
     """Raise `Corrupt` unless `path` is the complete part `part` of `plan`, scored by its teacher."""
     try:
-        pf = pq.ParquetFile(path)
+        pf = parquet_file(path)
         meta = pf.schema_arrow.metadata or {}
         ids = pf.read(columns=["sample_id"]).column("sample_id").to_pylist()
     except (OSError, pa.ArrowException) as e:
@@ -272,23 +281,23 @@ def check_part(path: Path, part: PartPlan, plan: RunPlan) -> None:
         raise Corrupt(f"{path}: holds other samples than part {part.index} of the plan")
 
 
-def read_plan(path: Path) -> RunPlan:
+def read_plan(path: StoreDir) -> RunPlan:
     try:
         return RunPlan.model_validate_json(path.read_bytes())
     except ValueError as e:
         raise Corrupt(f"{path} is not a valid run plan: {e}") from e
 
 
-def list_staging_plans(store: Path, dataset: str) -> list[tuple[Path, RunPlan]]:
+def list_staging_plans(store: StoreDir, dataset: str) -> list[tuple[StoreDir, RunPlan]]:
     """Unfinished runs of a dataset: each staging directory and its plan.
 
     Damaged plans, plans that do not belong to the directory they are in (so that `Staging` for
     their run key would look elsewhere) and directories gc is removing are skipped.
     """
     root = layout.staging_root(store, dataset)
-    out: list[tuple[Path, RunPlan]] = []
+    out: list[tuple[StoreDir, RunPlan]] = []
     if root.is_dir():
-        for d in sorted(root.iterdir()):
+        for d in entries(root):
             if d.name.startswith("."):  # tombstones and temporaries
                 continue
             plan_path = d / layout.PLAN
@@ -302,14 +311,14 @@ def list_staging_plans(store: Path, dataset: str) -> list[tuple[Path, RunPlan]]:
     return out
 
 
-def _belongs(store: Path, dataset: str, plan: RunPlan, directory: Path) -> bool:
+def _belongs(store: StoreDir, dataset: str, plan: RunPlan, directory: StoreDir) -> bool:
     try:
         return layout.staging_dir(store, dataset, plan.run_key) == directory
     except InvalidInput:
         return False
 
 
-def make_dirs(path: Path) -> None:
+def make_dirs(path: StoreDir) -> None:
     """`mkdir -p path`, retried when an empty parent (`.staging/`) is removed under it by a publisher or gc."""
     for _ in range(100):
         try:
@@ -320,7 +329,7 @@ def make_dirs(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def remove_if_empty(directory: Path) -> bool:
+def remove_if_empty(directory: StoreDir) -> bool:
     """Remove `directory` if it is empty (`.staging/` after the last run left); True if it was removed.
 
     Safe with concurrent workers: `rmdir` refuses a directory that has gained an entry, and workers
@@ -355,7 +364,7 @@ def staged_runs(store: Path, dataset: str) -> list[StagedRun]:
     out: list[StagedRun] = []
     if not root.is_dir():
         return out
-    for d in sorted(root.iterdir()):
+    for d in entries(root):
         if d.name.startswith(".") or not d.is_dir():
             continue
         try:

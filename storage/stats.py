@@ -9,7 +9,8 @@ the rollouts. Under teacher consistency the SFT student imitates the teacher, so
 a teacher that did not produce the SFT data makes it grow.
 
 DuckDB runs in-memory and only reads the immutable published files, so stats never contend
-with a writer for a lock.
+with a writer for a lock. Over object storage it reads the shards through its httpfs extension,
+loaded from the `duckdb-extension-httpfs` package's file (never downloaded at run time).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from . import layout
-from .manifest import verdict_explanation
+from .fs import ObjectPath, StoreDir, duckdb_s3_settings
+from .manifest import Manifest, Route, verdict_explanation
 from .publish import published_versions
 from .reader import Store
 from .schema import TOKEN_COLUMNS
@@ -93,6 +95,20 @@ class RolloutVsTeacher(BaseModel):
     kl_rollout_teacher_estimate: float
 
 
+class TeacherStats(BaseModel):
+    """One routed teacher of a multi-teacher dataset: its verdict and its samples' teacher log-probs."""
+
+    key: str = Field(description="The routing key (`provenance.teacher_key`'s value) of this teacher's samples.")
+    verdict: Literal["consistent", "inconsistent"]
+    teacher_fingerprint: str
+    sft_teacher_fingerprint: str
+    samples: int
+    tokens: int
+    mean_teacher_logprob: float | None
+    share_below_log_1e_4: float | None
+    rollout_vs_teacher: RolloutVsTeacher | None
+
+
 class ConsistencyStats(BaseModel):
     dataset: str
     version: int
@@ -112,14 +128,41 @@ class ConsistencyStats(BaseModel):
     teacher_logprob_histogram: list[HistogramBin]
     share_below_log_1e_4: float | None
     rollout_vs_teacher: RolloutVsTeacher | None
+    per_teacher: list[TeacherStats] = Field(
+        default_factory=list,
+        description="Multi-teacher datasets: each routed teacher on its own (absent for one teacher).",
+        exclude_if=lambda v: not v,
+    )
 
 
-def _connect() -> duckdb.DuckDBPyConnection:
+def _connect(store: StoreDir) -> duckdb.DuckDBPyConnection:
     try:
         import duckdb
     except ImportError as e:  # the models above are importable without it; queries are not
         raise ImportError("dataset stats need DuckDB: pip install 'lightning-opd[store]'") from e
-    return duckdb.connect()
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    if isinstance(store, ObjectPath):
+        con.execute(f"LOAD '{_httpfs_extension(duckdb.__version__)}'")
+        settings = ", ".join(f"{k} '{v}'" for k, v in duckdb_s3_settings(store).items())
+        con.execute(f"CREATE SECRET lopd_store (TYPE s3, {settings})")
+    return con
+
+
+def _httpfs_extension(duckdb_version: str) -> str:
+    """The httpfs extension file shipped by `duckdb-extension-httpfs` for this DuckDB (which it pins)."""
+    try:
+        import duckdb_extension_httpfs
+    except ImportError as e:
+        raise ImportError("stats over object storage need DuckDB's httpfs: pip install 'lightning-opd[s3]'") from e
+    root = Path(duckdb_extension_httpfs.__file__).parent / "extensions"
+    path = root / f"v{duckdb_version}" / "httpfs.duckdb_extension"
+    if not path.is_file():
+        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        raise ImportError(
+            f"duckdb-extension-httpfs has no build for DuckDB {duckdb_version} (it has {found}): install the DuckDB "
+            "version it pins: pip install 'lightning-opd[s3]'"
+        )
+    return str(path).replace("'", "''")
 
 
 def _distribution(con: duckdb.DuckDBPyConnection, expr_sql: str, params: list[object]) -> Distribution:
@@ -136,7 +179,7 @@ def _distribution(con: duckdb.DuckDBPyConnection, expr_sql: str, params: list[ob
     )
 
 
-def progress(store: Path, name: str) -> list[RunProgress]:
+def progress(store: StoreDir, name: str) -> list[RunProgress]:
     """How far each unfinished run of `name` is (parts that exist in its staging directory)."""
     out = []
     for _, plan in list_staging_plans(store, name):
@@ -154,7 +197,7 @@ def progress(store: Path, name: str) -> list[RunProgress]:
     return out
 
 
-def coverage(store_root: str | Path, name: str, version: int | None = None) -> CoverageStats:
+def coverage(store_root: str | Path | StoreDir, name: str, version: int | None = None) -> CoverageStats:
     store = Store(store_root)
     exists = layout.dataset_dir(store.root, name).is_dir()
     running = progress(store.root, name) if exists else []
@@ -169,7 +212,7 @@ def coverage(store_root: str | Path, name: str, version: int | None = None) -> C
     ds = store.open(name, version, verify=False)
     m = ds.manifest
     files = [str(p) for p in ds.shard_paths()]
-    con = _connect()
+    con = _connect(store.root)
     src = "SELECT len({col}) AS x FROM read_parquet(?)"  # a sample's tokens, as `schema.token_lengths` counts them
     prompt_col, response_col = TOKEN_COLUMNS
     resp = _distribution(con, src.format(col=response_col), [files]) if files else None
@@ -204,12 +247,12 @@ def _scored_with(per_part: list[dict[str, object]]) -> list[ScoringSettings]:
     return list(groups.values())
 
 
-def consistency(store_root: str | Path, name: str, version: int | None = None) -> ConsistencyStats:
+def consistency(store_root: str | Path | StoreDir, name: str, version: int | None = None) -> ConsistencyStats:
     store = Store(store_root)
     ds = store.open(name, version, verify=False)
     m, prov = ds.manifest, ds.manifest.provenance
     files = [str(p) for p in ds.shard_paths()]
-    con = _connect()
+    con = _connect(store.root)
     tokens_sql = "SELECT unnest(teacher_logprobs) AS x FROM read_parquet(?)"
     dist = _distribution(con, tokens_sql, [files])
     hist_rows = con.execute(
@@ -251,5 +294,48 @@ def consistency(store_root: str | Path, name: str, version: int | None = None) -
         teacher_logprobs=dist,
         teacher_logprob_histogram=hist,
         share_below_log_1e_4=None if below is None else float(below),
+        rollout_vs_teacher=rvt,
+        per_teacher=[_teacher_stats(con, ds.manifest, files, r) for r in prov.routes],
+    )
+
+
+def _teacher_stats(con: duckdb.DuckDBPyConnection, m: Manifest, files: list[str], route: Route) -> TeacherStats:
+    """`route`'s samples (dataset indices start .. start + num_samples - 1) read from the shards that hold them."""
+    end = route.start + route.num_samples
+    selects, params = [], []
+    for path, f in zip(files, m.files):
+        lo, hi = max(route.start, f.first_index), min(end, f.first_index + f.num_samples)
+        if lo < hi:
+            selects.append(
+                "SELECT teacher_logprobs, rollout_logprobs FROM read_parquet(?, file_row_number=true) "
+                "WHERE file_row_number >= ? AND file_row_number < ?"
+            )
+            params += [path, lo - f.first_index, hi - f.first_index]
+    rows = " UNION ALL ".join(selects) or "SELECT NULL::FLOAT[] AS teacher_logprobs, NULL::FLOAT[] AS rollout_logprobs LIMIT 0"
+    n, tokens, total, rn, sr, st = con.execute(
+        "SELECT count(*), sum(len(teacher_logprobs)), sum(list_sum(teacher_logprobs)), "
+        "sum(len(rollout_logprobs)), sum(list_sum(rollout_logprobs)), "
+        f"sum(CASE WHEN rollout_logprobs IS NOT NULL THEN list_sum(teacher_logprobs) END) FROM ({rows})",
+        params,
+    ).fetchone() or (0, 0, None, None, None, None)
+    below = con.execute(
+        f"SELECT avg((x < {UNLIKELY_LOGPROB})::DOUBLE) FROM (SELECT unnest(teacher_logprobs) AS x FROM ({rows}))",
+        params,
+    ).fetchone()
+    rvt = None
+    if rn:
+        rvt = RolloutVsTeacher(
+            tokens=int(rn), mean_rollout_logprob=float(sr) / rn, mean_teacher_logprob=float(st) / rn,
+            kl_rollout_teacher_estimate=(float(sr) - float(st)) / rn,
+        )  # fmt: skip
+    return TeacherStats(
+        key=route.key,
+        verdict=route.consistency.verdict,
+        teacher_fingerprint=route.teacher.fingerprint,
+        sft_teacher_fingerprint=route.sft_teacher_fingerprint,
+        samples=int(n),
+        tokens=int(tokens or 0),
+        mean_teacher_logprob=float(total) / tokens if tokens else None,
+        share_below_log_1e_4=None if not below or below[0] is None else float(below[0]),
         rollout_vs_teacher=rvt,
     )

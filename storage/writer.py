@@ -8,12 +8,12 @@ and writing) and the importer of other layouts (which has every sample at hand, 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import IO
 
 import pyarrow as pa
 
+from .fs import StoreDir
 from .manifest import Manifest
 from .publish import find_published_run, publish
 from .staging import PartPlan, RunPlan, Staging, missing_parts
@@ -38,7 +38,7 @@ class RunWriter:
 
     def __init__(
         self,
-        store: Path,
+        store: StoreDir,
         plan: RunPlan,
         *,
         scored_with: Mapping[str, object] | None = None,
@@ -75,7 +75,7 @@ class RunWriter:
         """Of `parts` (default: every part of the plan), those not written when the run was opened."""
         return [p for p in (self.plan.parts if parts is None else parts) if p.index not in self.done]
 
-    def write_part(self, index: int, table: pa.Table) -> Path:
+    def write_part(self, index: int, table: pa.Table) -> StoreDir:
         """Write part `index` atomically (a table of `SAMPLE_SCHEMA` holding that part's samples)."""
         return self.staging.write_part(index, table, self.plan.provenance.teacher.fingerprint, self.scored_with)
 
@@ -88,7 +88,7 @@ class RunWriter:
         return publish(self.staging, self.plan)
 
 
-def write_run(store: Path, plan: RunPlan, part_table: Callable[[PartPlan], pa.Table]) -> Manifest:
+def write_run(store: StoreDir, plan: RunPlan, part_table: Callable[[PartPlan], pa.Table]) -> Manifest:
     """The whole protocol for a single writer: the published version of `plan`'s run, written now if needed.
 
     `part_table(part)` returns the samples of `part` (the rows `plan.part_rows(part.index)` of the

@@ -70,3 +70,30 @@ def tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real S3 server (SeaweedFS `weed mini`) on loopback for the whole session, started on first use."""
+    from tests.utils.s3 import seaweedfs
+
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_store(s3_server, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A fresh, empty store prefix `s3://lopd-test/<random>` with the AWS variables set to reach it."""
+    from lopd.storage.layout import check_store_path
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return check_store_path(s3_server.store_url())
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A fresh store on each backend: a local directory, then a prefix on the S3 server."""
+    if request.param == "local":
+        return tmp_path / "store"
+    return request.getfixturevalue("s3_store")

@@ -105,12 +105,23 @@ def test_gc_cli_dry_run_json_and_errors(store: Path) -> None:
     ],
     ids=lambda a: a[0],
 )
-def test_every_command_refuses_a_store_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+def test_every_command_refuses_a_store_url_it_cannot_reach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """Only s3:// URLs are stores (tests/storage/test_backends.py); any other scheme is refused, nothing written."""
     monkeypatch.chdir(tmp_path)
-    code, out = cli(*[a.replace("{url}", "s3://bucket/x") for a in args])
+    code, out = cli(*[a.replace("{url}", "gs://bucket/x") for a in args])
     assert code == 2, out
-    assert "error: store 's3://bucket/x' is a URL (s3://)" in out and "mount the bucket" in out
-    assert list(tmp_path.iterdir()) == []  # no local `s3:/bucket/x` directory
+    assert "error: store gs://bucket/x is not supported" in out and "s3://BUCKET/PREFIX" in out
+    assert list(tmp_path.iterdir()) == []  # no local `gs:/bucket/x` directory
+
+
+@pytest.mark.parametrize("command", [["ls"], ["gc", "--dataset", "x", "--keep", "1"]])
+def test_ls_and_gc_refuse_object_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out = cli(command[0], "s3://bucket/x", *command[1:])
+    assert code == 2 and f"lopd {command[0]} works on local stores only" in out, out
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_store_url_from_the_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,7 +129,7 @@ def test_a_store_url_from_the_environment_is_refused(monkeypatch: pytest.MonkeyP
     from lopd.server.api.settings import ServerSettings
 
     monkeypatch.setenv("LOPD_STORE", "gs://bucket/store")
-    with pytest.raises(InvalidInput, match="is a URL"):
+    with pytest.raises(InvalidInput, match="is not supported"):
         ServerSettings()
 
 

@@ -40,6 +40,8 @@ def fail(err: Exception | str, code: int = 2) -> NoReturn:
 # The extra (pyproject.toml's optional-dependencies) that installs each optional module a command may import.
 EXTRA_OF_MODULE = {
     "duckdb": "store",
+    "botocore": "s3",
+    "duckdb_extension_httpfs": "s3",
     "fastapi": "server",
     "starlette": "server",
     "uvicorn": "server",

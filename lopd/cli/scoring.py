@@ -76,7 +76,7 @@ verify_command = settings_command(VerifyConfig, _verify, json_flag=True)
 
 
 def finalize_command(
-    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    store: Annotated[str, typer.Argument(help="Store: a directory or s3://BUCKET/PREFIX.")],
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
 ) -> None:
     """Publish finished runs of a dataset whose workers did not publish (e.g. --no-publish)."""

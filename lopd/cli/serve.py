@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -24,19 +23,23 @@ from .params import fail, settings_command
 
 if TYPE_CHECKING:
     from lopd.server.api.settings import ServerSettings
+    from lopd.storage.fs import StoreDir
 
 
-def _check_store(path: Path) -> None:
-    """Refuse a path that is not a store; warn about an empty directory (a store to be written)."""
+def _check_store(path: StoreDir) -> None:
+    """Refuse a path that is not a store; warn about an empty directory or prefix (a store to be written)."""
+    from lopd.storage.fs import is_object
     from lopd.storage.layout import STORE_MARKER
     from lopd.storage.reader import Store
 
     create = f"create one with `lopd precompute ROLLOUTS --store {path} ...`"
-    if not path.exists():
-        fail(f"store {path} does not exist; {create}")
-    if not path.is_dir():
-        fail(f"store {path} is not a directory; {create}")
-    if not any(path.iterdir()):
+    try:
+        empty = not any(path.iterdir()) if is_object(path) or path.is_dir() else None
+    except OSError as e:  # object storage unreachable, bucket missing, no credentials
+        fail(f"cannot list store {path}: {e}; check AWS_ENDPOINT_URL and the credentials")
+    if empty is None:
+        fail(f"store {path} {'is not a directory' if path.exists() else 'does not exist'}; {create}")
+    if empty:
         typer.secho(
             f"warning: store {path} is empty: nothing to serve until `lopd precompute ... --store {path}` publishes "
             "a dataset (it then appears without a restart)",

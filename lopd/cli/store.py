@@ -38,7 +38,7 @@ def _load_tokenizer(path: Path) -> Any:
 
 
 def stats_command(
-    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    store: Annotated[str, typer.Argument(help="Store: a directory or s3://BUCKET/PREFIX.")],
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     version: Annotated[int | None, typer.Option(help="Version (default: latest).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -68,7 +68,7 @@ def stats_command(
 
 
 def export_command(
-    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    store: Annotated[str, typer.Argument(help="Store: a directory or s3://BUCKET/PREFIX.")],
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
     tokenizer: Annotated[Path, typer.Option(help="Tokenizer directory, to decode prompt and response text.")],
@@ -87,7 +87,7 @@ def export_command(
 
 def import_command(
     paths: Annotated[list[Path], typer.Argument(help="Parquet files in the reference Lightning-OPD layout.")],
-    store: Annotated[Path, typer.Option(help="Store directory (created if missing).")],
+    store: Annotated[str, typer.Option(help="Store: a directory (created if missing) or s3://BUCKET/PREFIX.")],
     dataset: Annotated[str, typer.Option(help="Dataset name inside the store.")],
     tokenizer: Annotated[Path, typer.Option(help="Tokenizer directory, to tokenize the prompt text.")],
     fmt: Annotated[str, typer.Option("--format", help="Input layout (only 'lightning-opd').")] = "lightning-opd",
@@ -121,19 +121,19 @@ def import_command(
 
 
 def ls_command(
-    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    store: Annotated[str, typer.Argument(help="Store directory (local stores only).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Datasets, versions (bytes, samples, tokens, teacher consistency), runs in progress and readers of a store."""
     from lopd.storage.listing import list_store
 
     with cli_errors():
-        listing = list_store(check_store_path(store))
+        listing = list_store(store)
     typer.echo(listing.model_dump_json(indent=2) if as_json else render_listing(listing))
 
 
 def gc_command(
-    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    store: Annotated[str, typer.Argument(help="Store directory (local stores only).")],
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     keep: Annotated[int, typer.Option(help="Versions to keep, newest first (at least 1).")],
     staging_older_than: Annotated[
@@ -148,7 +148,7 @@ def gc_command(
 
     with cli_errors():
         report = collect_garbage(
-            check_store_path(store),
+            store,
             dataset,
             keep=keep,
             staging_older_than_s=parse_duration(staging_older_than, "--staging-older-than"),

@@ -54,7 +54,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if settings.tokens_file is not None
         else None
     )
-    catalog = Catalog(settings.store, settings.catalog_ttl_s, scrub_bytes_per_s=settings.scrub_bytes_per_s)
+    catalog = Catalog(
+        settings.store,
+        settings.catalog_ttl_s,
+        scrub_bytes_per_s=settings.scrub_bytes_per_s,
+        cache_bytes=settings.cache_bytes,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -13,7 +13,9 @@ Routes never touch the filesystem themselves; they ask the catalogue. It
   `scrub_bytes_per_s`; the first failure turns the version into a problem like the above. A
   problem is looked at again when a file of its version changes (an operator restored it);
 - caches what is immutable per version: opened `Dataset`s, per-sample token counts (for the
-  batch token limit) and the DuckDB statistics;
+  batch token limit) and the DuckDB statistics; for a store on object storage also the decoded
+  row groups, in memory bounded by `cache_bytes` (`storage.cache.RowGroupCache`): each GET is
+  slow and billed, and a cached row group was verified when it was read;
 - registers the server as a reader of the versions it serves (`storage.readers.ReaderLease`, from
   `start` to `close`), so `lopd gc` never removes a version under a client: before the first
   request for a version (or the first after a long idle spell) the lease is written, then the
@@ -40,6 +42,8 @@ import numpy as np
 
 from lopd.errors import Corrupt, LopdError, NotFound
 from lopd.storage import layout, stats
+from lopd.storage.cache import RowGroupCache
+from lopd.storage.fs import StoreDir, is_object
 from lopd.storage.integrity import FileStamp, directory_stamps
 from lopd.storage.manifest import Manifest
 from lopd.storage.reader import Dataset, Store, open_version, read_version_manifest
@@ -51,6 +55,7 @@ Key = tuple[str, int]
 T = TypeVar("T")
 _STATS_CACHE_SIZE = 256
 DEFAULT_SCRUB_BYTES_PER_S = 16 * 2**20  # a full pass over 1 TB in ~17 h, at ~2% of one core's sha256
+DEFAULT_CACHE_BYTES = 256 * 2**20  # ~40k samples of 1k tokens, decoded
 
 
 @dataclass(frozen=True)
@@ -89,13 +94,16 @@ class Catalog:
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | StoreDir,
         ttl_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         *,
         scrub_bytes_per_s: float = DEFAULT_SCRUB_BYTES_PER_S,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
-        self.root = Path(root)
+        self.root = layout.check_store_path(root)
+        # Local stores are read through the OS page cache, with a stat before every read; object stores are not.
+        self.cache = RowGroupCache(cache_bytes) if is_object(self.root) and cache_bytes > 0 else None
         self.ttl_s = ttl_s
         self.scrub_bytes_per_s = scrub_bytes_per_s
         self._clock = clock
@@ -304,7 +312,11 @@ class Catalog:
             stamps = directory_stamps(layout.version_dir(self.root, *key))
             try:
                 dataset = open_version(
-                    self.root, *key, verify=True, on_corrupt=lambda message: self._damaged_while_serving(key, message)
+                    self.root,
+                    *key,
+                    verify=True,
+                    on_corrupt=lambda message: self._damaged_while_serving(key, message),
+                    cache=self.cache,
                 )
                 counts = dataset.token_counts()
             except (LopdError, OSError, ValueError) as e:

@@ -17,7 +17,7 @@ from lopd.config import ARGUMENT
 from lopd.http_contract import MAX_BATCH_INDICES, MAX_BODY_BYTES, MAX_RESPONSE_TOKENS
 from lopd.storage.layout import StorePath
 
-from .catalog import DEFAULT_SCRUB_BYTES_PER_S
+from .catalog import DEFAULT_CACHE_BYTES, DEFAULT_SCRUB_BYTES_PER_S
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 ANY_HOST = "*"
@@ -28,7 +28,9 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LOPD_", extra="ignore", frozen=True)
 
-    store: StorePath = Field(description="Store directory to serve (read-only).", json_schema_extra=ARGUMENT)
+    store: StorePath = Field(
+        description="Store to serve (read-only): a directory or s3://BUCKET/PREFIX.", json_schema_extra=ARGUMENT
+    )
     host: str = Field(default="127.0.0.1", description="Interface to bind; loopback unless told otherwise.")
     port: int = Field(default=8000, ge=0, le=65535)
     tokens_file: Path | None = Field(
@@ -90,6 +92,12 @@ class ServerSettings(BaseSettings):
         ge=0.0,
         description="Rate at which served shards are re-hashed against their manifest in the background (0: off); "
         "damage found makes the version 503 `corrupt` (docs/store-format.md: Integrity while reading).",
+    )
+    cache_bytes: int = Field(
+        default=DEFAULT_CACHE_BYTES,
+        ge=0,
+        description="Memory for decoded row groups of a store on object storage (s3://), least recently used "
+        "evicted first; 0: off. Local stores use the OS page cache instead.",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
