@@ -55,8 +55,15 @@ def test_an_indexed_job_needs_its_count(clean_env: pytest.MonkeyPatch) -> None:
 
 
 def test_the_indexed_job_manifest_is_a_valid_batch_v1_job() -> None:
-    """Structure checks of the fields Kubernetes validates for an Indexed Job (no cluster here to dry-run on)."""
+    """Kubernetes' own schema for batch/v1 Job (kubernetes-validate ships it, offline; strict: no unknown fields),
+    then what that schema cannot say: the Indexed-Job wiring this project relies on."""
+    import kubernetes_validate
+
     job = yaml.safe_load((ROOT / "deploy" / "precompute-indexed-job.yaml").read_text())
+    kubernetes_validate.validate(job, "1.33", strict=True)
+    typo = {**job, "spec": {**job["spec"], "completionMod": "Indexed"}}
+    with pytest.raises(kubernetes_validate.ValidationError, match="completionMod"):
+        kubernetes_validate.validate(typo, "1.33", strict=True)
     assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed"
