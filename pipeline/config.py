@@ -1,16 +1,22 @@
 """The pipeline's settings: one model, three presets (`fast` for CI, `default`, `full`).
 
 Everything a run depends on is here and is written into the results JSON, so a table can be
-traced back to the exact settings that produced it.
+traced back to the exact settings that produced it. The equivalence margins are settings too:
+they are fixed before a run, never chosen after looking at its numbers.
+
+How the OPD settings were chosen (`lopd pipeline tune`, on the validation split, which the
+reported numbers never see): see `docs/results/tuning.md`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Preset = Literal["fast", "default", "full"]
+Split = Literal["test", "validation"]
 
 
 class ModelSize(BaseModel):
@@ -20,7 +26,7 @@ class ModelSize(BaseModel):
 
 
 class PipelineConfig(BaseModel):
-    """Sizes, steps and seeds of one pipeline run."""
+    """Sizes, steps, seeds and the statistics' margins of one pipeline run."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -28,27 +34,44 @@ class PipelineConfig(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     digits: int = Field(3, ge=1, le=6, description="operand digits of the addition problems")
     train_problems: int = Field(4000, gt=0, description="prompts for teachers, SFT data and rollouts")
-    test_problems: int = Field(500, gt=0, description="held-out problems for evaluation")
+    test_problems: int = Field(500, gt=0, description="held-out problems for the reported evaluation")
+    split: Split = Field("test", description="evaluate on the test split, or on the validation split (tuning)")
     teacher: ModelSize = ModelSize(hidden=128, layers=3)
     teacher_steps: int = Field(800, gt=0)
     student: ModelSize = ModelSize(hidden=64, layers=2)
-    sft_examples: int = Field(3000, gt=0, description="teacher-A samples the student is fine-tuned on")
+    sft_examples: int = Field(3000, gt=0, description="teacher samples each student is fine-tuned on")
     sft_steps: int = Field(550, gt=0)
-    rollouts: int = Field(4096, gt=0, description="student samples scored once for Lightning OPD")
-    opd_steps: int = Field(300, gt=0, description="optimizer steps of each OPD run")
+    opd_steps: int = Field(200, gt=0, description="optimizer steps of each consistent OPD run")
+    inconsistent_steps_factor: int = Field(
+        2, ge=1, description="inconsistent runs take this many times the steps ('regardless of training duration')"
+    )
     opd_batch_size: int = Field(128, gt=0)
-    opd_lr: float = Field(5e-5, gt=0)
+    opd_lr: float = Field(2e-5, gt=0, description="chosen on the validation split (docs/results/tuning.md)")
+    rollout_passes: float = Field(
+        2.0, gt=0, description="times a consistent offline run sees each stored rollout (the paper: about 2)"
+    )
+    tis_cap: float | None = Field(None, gt=0, description="truncated importance weight cap (off, as the paper's default)")
     eval_every: int = Field(50, gt=0)
-    kl_samples: int = Field(300, gt=0, description="held-out prompts sampled for the reverse KL")
+    kl_samples: int = Field(300, gt=0, description="held-out prompts sampled for the KL measurements")
+    grad_samples: int = Field(128, gt=0, description="samples per gradient in the offline/online gradient comparison")
     max_new_tokens: int = Field(48, gt=0)
     fit_batch_size: int = Field(64, gt=0)
     fit_lr: float = Field(3e-3, gt=0)
+    torch_threads: int = Field(2, gt=0, description="pinned so that float results do not depend on the machine's cores")
+    margin_accuracy: float = Field(0.03, gt=0, description="equivalence margin of held-out accuracy (fixed in advance)")
+    margin_kl: float = Field(0.05, gt=0, description="equivalence margin of reverse KL, nats/token (fixed in advance)")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of every test")
+
+    @property
+    def rollouts(self) -> int:
+        """Rollouts sampled once and scored once: enough for `rollout_passes` passes of a consistent run."""
+        return math.ceil(self.opd_steps * self.opd_batch_size / self.rollout_passes)
 
     @classmethod
     def preset_config(cls, preset: Preset, seeds: list[int] | None = None) -> PipelineConfig:
         """`fast`: tiny sizes and few steps (seconds; CI checks the artifacts, not the outcome).
         `default`: one seed, sized to show the effects in minutes on 2 CPU cores.
-        `full`: the default sizes over 3 seeds, for means and spreads."""
+        `full`: the default sizes over more seeds, for the claims' tests across seeds."""
         if preset == "fast":
             cfg = cls(
                 preset="fast",
@@ -59,11 +82,11 @@ class PipelineConfig(BaseModel):
                 student=ModelSize(hidden=16, layers=1),
                 sft_examples=200,
                 sft_steps=20,
-                rollouts=48,
                 opd_steps=4,
                 opd_batch_size=8,
                 eval_every=2,
                 kl_samples=8,
+                grad_samples=8,
                 max_new_tokens=40,
                 fit_batch_size=32,
             )

@@ -1,9 +1,10 @@
-"""Held-out evaluation: exact-match accuracy (greedy) and reverse KL to the teacher on the student's own samples.
+"""Held-out evaluation: exact-match accuracy (greedy), and KLs on the student's own fresh samples.
 
-Accuracy is what a user cares about; the reverse KL, `E_{y ~ student}[log p_student(y) - log
-p_teacher(y)]` per token, is the quantity on-policy distillation minimises, measured on fresh
-samples (never the training rollouts), so it shows whether training moved the student towards
-the teacher or away from it.
+Accuracy is what a user cares about. The reverse KL to the teacher, `E_{y ~ student}[log
+p_student(y) - log p_teacher(y)]` per token, is what on-policy distillation minimises; the KL to
+the SFT checkpoint on the same samples measures drift away from where training started (the
+paper credits offline OPD with an implicit regularisation against it). Both are measured on
+fresh samples, never on the training rollouts.
 """
 
 from __future__ import annotations
@@ -21,22 +22,32 @@ from .task import Problem, grade
 @dataclass
 class Evaluation:
     accuracy: float  # greedy decoding, exact match of the final answer
-    reverse_kl: float  # nats per response token, on samples at temperature 1
+    reverse_kl: float  # to the teacher, nats per response token, on samples at temperature 1
+    kl_to_sft: float  # to the SFT checkpoint, on the same samples
     sampled_accuracy: float  # exact match of those temperature-1 samples (pass@1)
+    correct: str  # greedy correctness per problem, "0"/"1" in problem order (for paired statistics)
 
-    def to_json(self) -> dict[str, float]:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def correctness(tok: Any, responses: Sequence[Sequence[int]], problems: Sequence[Problem]) -> list[bool]:
+    return [grade(lm.decode_response(tok, r), p) for r, p in zip(responses, problems)]
 
 
 def exact_match(tok: Any, responses: Sequence[Sequence[int]], problems: Sequence[Problem]) -> float:
     """Share of responses whose final answer is right."""
-    return float(np.mean([grade(lm.decode_response(tok, r), p) for r, p in zip(responses, problems)]))
+    return float(np.mean(correctness(tok, responses, problems)))
+
+
+def greedy_correct(model: Any, tok: Any, problems: Sequence[Problem], *, max_new_tokens: int) -> list[bool]:
+    prompts = [lm.encode_prompt(tok, p.prompt) for p in problems]
+    responses, _ = lm.sample(model, tok, prompts, greedy=True, max_new_tokens=max_new_tokens)
+    return correctness(tok, responses, problems)
 
 
 def greedy_accuracy(model: Any, tok: Any, problems: Sequence[Problem], *, max_new_tokens: int) -> float:
-    prompts = [lm.encode_prompt(tok, p.prompt) for p in problems]
-    responses, _ = lm.sample(model, tok, prompts, greedy=True, max_new_tokens=max_new_tokens)
-    return exact_match(tok, responses, problems)
+    return float(np.mean(greedy_correct(model, tok, problems, max_new_tokens=max_new_tokens)))
 
 
 def evaluate(
@@ -44,16 +55,23 @@ def evaluate(
     tok: Any,
     problems: Sequence[Problem],
     teacher: Any,
+    sft: Any,
     *,
     kl_samples: int,
     seed: int,
     max_new_tokens: int,
 ) -> Evaluation:
-    """Evaluate `model` on `problems`; `teacher` is a `Teacher` (token ids in, log-probs out)."""
-    accuracy = greedy_accuracy(model, tok, problems, max_new_tokens=max_new_tokens)
+    """Evaluate `model` on `problems`; `teacher` and `sft` are `Teacher`s (token ids in, log-probs out)."""
+    correct = greedy_correct(model, tok, problems, max_new_tokens=max_new_tokens)
     kl_prompts = [lm.encode_prompt(tok, p.prompt) for p in problems[:kl_samples]]
     sampled, student_lp = lm.sample(model, tok, kl_prompts, max_new_tokens=max_new_tokens, seed=seed)
-    teacher_lp = teacher.score(kl_prompts, sampled)
-    gap = np.concatenate([s.astype(np.float64) - t for s, t in zip(student_lp, teacher_lp)])
-    sampled_accuracy = exact_match(tok, sampled, problems[:kl_samples])
-    return Evaluation(accuracy=accuracy, reverse_kl=float(gap.mean()), sampled_accuracy=sampled_accuracy)
+    student = np.concatenate([s.astype(np.float64) for s in student_lp])
+    teacher_lp = np.concatenate(teacher.score(kl_prompts, sampled)).astype(np.float64)
+    sft_lp = np.concatenate(sft.score(kl_prompts, sampled)).astype(np.float64)
+    return Evaluation(
+        accuracy=float(np.mean(correct)),
+        reverse_kl=float((student - teacher_lp).mean()),
+        kl_to_sft=float((student - sft_lp).mean()),
+        sampled_accuracy=exact_match(tok, sampled, problems[:kl_samples]),
+        correct="".join("1" if c else "0" for c in correct),
+    )

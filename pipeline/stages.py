@@ -1,6 +1,6 @@
 """The pipeline's stages, each a function with files in and files out, so any can be swapped.
 
-    train_teacher      task -> a teacher that solves it in one style (A or B)
+    train_teacher      task -> a teacher that solves it in one style (A or B: choices drawn at its probabilities)
     generate_sft_data  teacher A + prompts -> SFT data (JSONL of token ids) + its provenance
     sft_student        SFT data -> the student checkpoint every method starts from
     sample_rollouts    a policy + prompts -> rollouts (ids as sampled, with their log-probs)
@@ -14,6 +14,7 @@ their rollouts) and run the rest.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from lopd.testing import build_tiny_model
 
 from . import lm
 from .config import ModelSize
-from .task import Problem, Style, solve
+from .task import Problem, StyleName, solve
 
 SFT_PROVENANCE = "sft_provenance.json"  # next to the SFT data and inside the student checkpoint
 
@@ -40,16 +41,18 @@ def _fresh_model(out: Path, size: ModelSize, seed: int) -> tuple[Any, Any]:
 
 def train_teacher(
     out: Path,
-    style: Style,
+    style: StyleName,
     problems: Sequence[Problem],
     size: ModelSize,
     fit: lm.FitConfig,
     *,
     progress: bool = True,
 ) -> Path:
-    """Fine-tune a fresh model on worked solutions written in `style`; save it to `out`."""
+    """Fine-tune a fresh model on worked solutions written in `style`, each column's choices drawn at the
+    style's probabilities (seeded by `fit.seed`); save it to `out`."""
     model, tok = _fresh_model(out, size, fit.seed)
-    examples = [(lm.encode_prompt(tok, p.prompt), lm.encode_response(tok, solve(p, style))) for p in problems]
+    rng = random.Random(fit.seed)
+    examples = [(lm.encode_prompt(tok, p.prompt), lm.encode_response(tok, solve(p, style, rng))) for p in problems]
     lm.fit(model, examples, fit, pad_id=tok.pad_token_id, desc=f"teacher {style}", progress=progress)
     model.save_pretrained(str(out))
     return out

@@ -1,17 +1,22 @@
 """A small reasoning task with exact answers: multi-digit addition with a worked solution.
 
 Why this task: it needs several dependent steps (each column's digit depends on the carry from
-the one before), its answers are exact (accuracy is unambiguous), a tiny transformer can learn
-it on a CPU in minutes, and the same problem can be solved in two clearly different *styles*.
-Two teachers trained on the two styles have similar accuracy but very different token
-distributions, which is exactly the situation teacher consistency is about: a student that
-imitated style A gets a meaningless per-token signal from a teacher that writes style B.
+the one before), its answers are exact (accuracy is unambiguous), and a tiny transformer can
+learn it on a CPU in minutes.
+
+Teacher consistency needs two teachers that are equally good but *write differently*, in a way
+subtle enough that each still finds the other's text plausible. So a style is not a format but
+a set of per-column choices drawn with the style's own probabilities:
 
     prompt     <s>473+258=
-    style A    3+8=11 7+5+1=13 4+2+1=7 =731</s>      columns right to left, sums with carries
-    style B    [3,8]1c1 [7,5]3c1 [4,2]7c0 =731</s>    digit pairs, column digit and carry out
+    solution   3+8=11 7+5+1=13 4+2+1=7 =731</s>      columns right to left, sums with carries
+    swapped    8+3=11 ...                             a column's operands in the other order
+    zero carry ... 4+2+0=6 ...                        a zero carry written out
 
-Both styles end with `=<answer>`, so one grader reads both; `grade` extracts the last `=`.
+Style A swaps and writes zero carries with probability 0.2 each, style B with 0.8. Both are
+always right, and each gives the other's solutions a lower but far from negligible probability
+(log 0.2 against log 0.8 per choice, about 1.4 nats). Every solution ends with `=<answer>`, so
+one grader reads all of them; `grade` extracts the last `=`.
 """
 
 from __future__ import annotations
@@ -21,8 +26,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Style = Literal["A", "B"]
-STYLES: tuple[Style, ...] = ("A", "B")
+StyleName = Literal["A", "B"]
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a teacher writes a column: the probability of each optional way of writing it."""
+
+    name: StyleName
+    p_swap: float  # the operands in the other order ("8+3=11" for 3+8)
+    p_zero_carry: float  # a zero carry written out ("4+2+0=6"); never in the first column
+
+    def choices(self, rng: random.Random | None) -> tuple[bool, bool]:
+        """(swap, write zero carry) for one column: drawn with `rng`, or the likelier choice without one."""
+        if rng is None:
+            return self.p_swap > 0.5, self.p_zero_carry > 0.5
+        return rng.random() < self.p_swap, rng.random() < self.p_zero_carry
+
+
+STYLES: dict[StyleName, Style] = {"A": Style("A", 0.2, 0.2), "B": Style("B", 0.8, 0.8)}
 
 
 @dataclass(frozen=True)
@@ -55,12 +77,17 @@ def make_problems(n: int, digits: int, seed: int, exclude: Sequence[Problem] = (
     return out
 
 
-HELD_OUT_SEED = 2
+HELD_OUT_SEED, VALIDATION_SEED = 2, 3
 
 
 def held_out_problems(n: int, digits: int) -> list[Problem]:
-    """The evaluation set: drawn first, from its own seed, so every stage can exclude it."""
+    """The test set: drawn first, from its own seed, so every stage can exclude it."""
     return make_problems(n, digits, seed=HELD_OUT_SEED)
+
+
+def validation_problems(n: int, digits: int) -> list[Problem]:
+    """The validation set (settings are chosen on it): its own seed, disjoint from the test set."""
+    return make_problems(n, digits, seed=VALIDATION_SEED, exclude=held_out_problems(n, digits))
 
 
 def _columns(p: Problem) -> list[tuple[int, int]]:
@@ -71,18 +98,23 @@ def _columns(p: Problem) -> list[tuple[int, int]]:
     return [(int(x), int(y)) for x, y in zip(reversed(a), reversed(b))]
 
 
-def solve(p: Problem, style: Style) -> str:
-    """The worked solution in the given style, ending with `=<answer>` (no end token)."""
-    cols = _columns(p)
-    if style not in STYLES:
-        raise ValueError(f"unknown style {style!r}; use one of {', '.join(STYLES)}")
+def solve(p: Problem, style: StyleName | Style, rng: random.Random | None = None) -> str:
+    """A worked solution in `style`, ending with `=<answer>` (no end token).
+
+    With `rng` each column's choices are drawn with the style's probabilities (what a teacher
+    learns from); without, every column takes the style's likelier choice.
+    """
+    if isinstance(style, str):
+        if style not in STYLES:
+            raise ValueError(f"unknown style {style!r}; use one of {', '.join(STYLES)}")
+        style = STYLES[style]
     carry, steps = 0, []
-    for x, y in cols:
+    for column, (x, y) in enumerate(_columns(p)):
+        swap, zero_carry = style.choices(rng)
+        first, second = (y, x) if swap else (x, y)
         s = x + y + carry
-        if style == "A":
-            steps.append(f"{x}+{y}+{carry}={s}" if carry else f"{x}+{y}={s}")
-        else:
-            steps.append(f"[{x},{y}]{s % 10}c{s // 10}")
+        written_carry = f"+{carry}" if carry or (zero_carry and column > 0) else ""
+        steps.append(f"{first}+{second}{written_carry}={s}")
         carry = s // 10
     return " ".join(steps) + f" ={p.answer}"
 

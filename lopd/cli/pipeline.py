@@ -152,13 +152,14 @@ def online_opd_command(
 def evaluate_command(
     student: Annotated[Path, typer.Argument(help="The model to evaluate.")],
     teacher: Annotated[Path, typer.Argument(help="The teacher the reverse KL is measured against.")],
+    sft: Annotated[Path, typer.Argument(help="The SFT checkpoint the drift (KL to SFT) is measured against.")],
     problems: Annotated[int, typer.Option(help="Held-out problems.")] = HELD_OUT,
-    kl_samples: Annotated[int, typer.Option(help="Problems sampled for the reverse KL.")] = _D.kl_samples,
+    kl_samples: Annotated[int, typer.Option(help="Problems sampled for the KLs.")] = _D.kl_samples,
     digits: Digits = _D.digits,
     seed: Seed = 0,
     max_new_tokens: MaxNew = _D.max_new_tokens,
 ) -> None:
-    """Held-out greedy accuracy and reverse KL to the teacher on the model's own samples (JSON)."""
+    """Held-out greedy accuracy, reverse KL to the teacher and KL to the SFT checkpoint on the model's samples."""
     from lopd.pipeline import lm
     from lopd.pipeline.evaluate import evaluate
     from lopd.pipeline.task import held_out_problems
@@ -166,10 +167,33 @@ def evaluate_command(
 
     model, tok = lm.load(student)
     result = evaluate(
-        model, tok, held_out_problems(problems, digits), TransformersTeacher(teacher),
+        model, tok, held_out_problems(problems, digits), TransformersTeacher(teacher), TransformersTeacher(sft),
         kl_samples=kl_samples, seed=seed, max_new_tokens=max_new_tokens,
     )  # fmt: skip
-    typer.echo(json.dumps(result.to_json()))
+    typer.echo(json.dumps({k: v for k, v in result.to_json().items() if k != "correct"}))
+
+
+@app.command("tune")
+def tune_command(
+    run_dir: Annotated[Path, typer.Argument(help="Working directory (teachers are kept between calls).")],
+    lrs: Annotated[str, typer.Option(help="Comma-separated OPD learning rates to try.")] = "1e-5,2e-5,5e-5",
+    preset: Annotated[str, typer.Option(help="The preset whose other settings are used.")] = "default",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+) -> None:
+    """Choose the OPD learning rate on the validation split (never the test split): both Lightning OPD (the
+    paper's algorithm) and online OPD must be stable; writes tuning.json and tuning.md."""
+    from lopd.pipeline.config import PipelineConfig
+    from lopd.pipeline.tune import tune
+
+    try:
+        values = [float(x) for x in lrs.split(",") if x.strip()]
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--lrs and --seeds take comma-separated numbers, got {lrs!r}, {seeds!r}") from None
+    if preset not in ("fast", "default", "full"):
+        raise typer.BadParameter(f"--preset must be fast, default or full, got {preset!r}")
+    cfg = PipelineConfig.preset_config(preset, seed_list)  # type: ignore[arg-type]
+    typer.echo(tune(cfg, values, run_dir, echo=typer.echo))
 
 
 @app.command("report")

@@ -44,15 +44,21 @@ def test_stages_chain_through_files_into_precompute(tmp_path: Path):
     manifest = Store(store).open("mine").manifest
     assert manifest.num_samples == 16 and manifest.provenance.consistency.verdict == "consistent"
 
-    out = _ok("pipeline", "evaluate", str(student), str(teacher), "--problems", "8", "--kl-samples", "4",
+    out = _ok("pipeline", "evaluate", str(student), str(teacher), str(student), "--problems", "8", "--kl-samples", "4",
               "--max-new-tokens", "12")  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
-    assert set(result) == {"accuracy", "reverse_kl", "sampled_accuracy"} and 0 <= result["accuracy"] <= 1
+    assert set(result) == {"accuracy", "reverse_kl", "kl_to_sft", "sampled_accuracy"} and 0 <= result["accuracy"] <= 1
+    assert result["kl_to_sft"] == 0.0  # the model against itself
 
 
 def test_train_teacher_rejects_an_unknown_style(tmp_path: Path):
     result = runner.invoke(app, ["pipeline", "train-teacher", str(tmp_path / "t"), "--style", "C"])
     assert result.exit_code != 0 and "A or B" in result.output
+
+
+def test_tune_refuses_bad_numbers(tmp_path: Path):
+    result = runner.invoke(app, ["pipeline", "tune", str(tmp_path), "--lrs", "1e-5,fast"])
+    assert result.exit_code != 0 and "comma-separated numbers" in result.output
 
 
 def test_report_needs_a_run_directory(tmp_path: Path):
