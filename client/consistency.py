@@ -80,7 +80,10 @@ def check_dataset_for_training(
     tokenizer_problems: list[str] = []
 
     unknown = UNKNOWN_FINGERPRINT in (info.teacher_fingerprint, info.sft_teacher_fingerprint)
-    if info.verdict != "consistent" and unknown:
+    routes = info.routes
+    if routes:  # a multi-teacher dataset: every routed teacher on its own, named
+        teacher_problems += _route_problems(where, routes, sft_teacher)
+    elif info.verdict != "consistent" and unknown:
         teacher_problems.append(
             f"{where} is marked {info.verdict} because its provenance is unknown: it was imported without "
             "fingerprints, so nothing says which teacher scored it or generated the student's SFT data"
@@ -92,7 +95,7 @@ def check_dataset_for_training(
             f"{short_fingerprint(str(info.sft_teacher_fingerprint))}"
             + (" (built with --allow-teacher-mismatch)" if info.mismatch_allowed else "")
         )
-    if sft_teacher is not None:
+    if sft_teacher is not None and not routes:
         declared = resolve_model_fingerprint(sft_teacher)
         if declared != info.sft_teacher_fingerprint:
             teacher_problems.append(
@@ -100,7 +103,7 @@ def check_dataset_for_training(
                 f"{short_fingerprint(str(info.sft_teacher_fingerprint))} (scored by "
                 f"{short_fingerprint(str(info.teacher_fingerprint))})"
             )
-    else:
+    elif sft_teacher is None:
         log.warning("no SFT-data teacher declared; relying on the manifest's verdict (%s) alone", info.verdict)
 
     if student_tokenizer is not None:
@@ -127,3 +130,26 @@ def check_dataset_for_training(
         return problems
     cls: type[Inconsistent] = TeacherMismatch if teacher_problems else TokenizerMismatch
     raise cls(message)
+
+
+def _route_problems(where: str, routes: list[dict[str, Any]], sft_teacher: str | None) -> list[str]:
+    """The problems of a multi-teacher dataset's routes: each inconsistent routed teacher, named by its key; with a
+    declared SFT-data teacher, each route whose SFT data came from another model."""
+    problems = []
+    declared = resolve_model_fingerprint(sft_teacher) if sft_teacher is not None else None
+    for r in routes:
+        key = r.get("key")
+        teacher_fp = str((r.get("teacher") or {}).get("fingerprint"))
+        sft_fp = str(r.get("sft_teacher_fingerprint"))
+        if not (r.get("consistency") or {}).get("teacher_consistent"):
+            problems.append(
+                f"{where}: routed teacher {key!r} ({short_fingerprint(teacher_fp)}, "
+                f"{(r.get('teacher') or {}).get('name_or_path')}) is not the model that generated its domain's SFT "
+                f"data ({short_fingerprint(sft_fp)})"
+            )
+        if declared is not None and declared != sft_fp:
+            problems.append(
+                f"you declared the SFT-data teacher {short_fingerprint(declared)}, but {where} records "
+                f"{short_fingerprint(sft_fp)} for routed teacher {key!r}"
+            )
+    return problems

@@ -99,6 +99,7 @@ class BatchSource:
         pad_to_multiple_of: int | None,
         info: DatasetInfo | None,
         columns: Sequence[str] | None = None,
+        teachers: Sequence[str] | None = None,
     ) -> None:
         if num_epochs is not None and num_epochs < 1:
             raise ValueError(f"num_epochs is {num_epochs}; use at least 1, or None for no end")
@@ -124,6 +125,9 @@ class BatchSource:
             version=self.info.version,
             content_hash=self.info.content_hash,
         )
+        if teachers is not None:  # a multi-teacher dataset, restricted to some routed teachers' samples
+            keep = self.info.teacher_indices(teachers)
+            self.sampler = self.sampler.excluding(np.setdiff1d(np.arange(self.info.num_samples), keep))
 
     def epochs_left(self) -> int | None:
         """Epochs still to run from the sampler's position (None: no end)."""
@@ -167,6 +171,7 @@ class OPDLoader(BatchSource):
     Each batch also carries `epoch` and `batch_index`. Iteration runs from the current state to
     the end of epoch `num_epochs - 1` (None: forever, for step-based training) and advances the
     state as batches are yielded; `state_dict()` / `load_state_dict()` resume exactly.
+    `teachers` (keys of a multi-teacher dataset's routes) draws only those teachers' samples.
     `version=None` pins the latest version at construction. `arrays`: `"torch"` tensors or
     `"numpy"` arrays (same keys, dtypes and shapes); None picks torch where it is installed.
     `pin_memory` (torch only) pins the tensors for fast copies to a GPU.
@@ -192,6 +197,7 @@ class OPDLoader(BatchSource):
         arrays: Arrays | None = None,
         info: DatasetInfo | None = None,
         columns: Sequence[str] | None = None,
+        teachers: Sequence[str] | None = None,
     ) -> None:
         arrays = default_arrays() if arrays is None else arrays
         if arrays not in ("torch", "numpy"):
@@ -203,7 +209,7 @@ class OPDLoader(BatchSource):
         super().__init__(
             client, dataset, batch_size, seed=seed, rank=rank, world_size=world_size, version=version,
             drop_last=drop_last, shuffle=shuffle, num_epochs=num_epochs, pad_id=pad_id,
-            pad_to_multiple_of=pad_to_multiple_of, info=info, columns=columns,
+            pad_to_multiple_of=pad_to_multiple_of, info=info, columns=columns, teachers=teachers,
         )  # fmt: skip
         self.prefetch = prefetch
         self.pin_memory = pin_memory

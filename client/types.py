@@ -9,6 +9,7 @@ pydantic models, made for the server's OpenAPI schema, are not used to parse her
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +89,7 @@ class DatasetInfo:
                 top_k=int(_get(prov, "top_k", default=0) or 0),
                 raw=data,
             )
-        return cls(  # a DatasetSummary
+        return cls(  # a DatasetSummary (no routes: only a manifest says)
             name=str(_require(data, "name", what)),
             version=int(_require(data, "version", what)),
             content_hash=str(_require(data, "content_hash", what)),
@@ -101,6 +102,30 @@ class DatasetInfo:
             versions=tuple(int(v) for v in data.get("versions", ())),
             raw=data,
         )
+
+
+    @property
+    def routes(self) -> list[dict[str, Any]]:
+        """A multi-teacher dataset's routes (`provenance.routes` of its manifest: key, teacher, consistency,
+        start, num_samples); [] for one teacher or when built from a summary."""
+        routes = (self.raw.get("provenance") or {}).get("routes") if isinstance(self.raw, dict) else None
+        return [r for r in routes if isinstance(r, dict)] if isinstance(routes, list) else []
+
+    def teacher_indices(self, teachers: Sequence[str]) -> np.ndarray:
+        """The dataset indices of the samples scored by the routed teachers `teachers` (keys of `routes`), sorted.
+
+        Raises `ValueError` naming the dataset's teachers when one is unknown or the dataset has one teacher.
+        """
+        by_key = {str(r.get("key")): r for r in self.routes}
+        unknown = [t for t in teachers if t not in by_key]
+        if unknown:
+            known = ", ".join(repr(k) for k in by_key) or "none: it was built with one teacher"
+            raise ValueError(
+                f"dataset {self.name!r} v{self.version} has no routed teacher {unknown[0]!r} (its teachers: {known})"
+            )
+        spans = [np.arange(int(by_key[t]["start"]), int(by_key[t]["start"]) + int(by_key[t]["num_samples"]))
+                 for t in teachers]  # fmt: skip
+        return np.unique(np.concatenate(spans)) if spans else np.empty(0, np.int64)
 
 
 @dataclass(frozen=True)

@@ -71,17 +71,36 @@ def export_command(
     store: Annotated[str, typer.Argument(help="Store: a directory or s3://BUCKET/PREFIX.")],
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
-    tokenizer: Annotated[Path, typer.Option(help="Tokenizer directory, to decode prompt and response text.")],
-    fmt: Annotated[str, typer.Option("--format", help="Output layout (only 'lightning-opd').")] = "lightning-opd",
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(help="Tokenizer directory, to decode prompt and response text (--format lightning-opd)."),
+    ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="Output layout: lightning-opd (the reference slime layout), or for a dataset built with --top-k: "
+            "verl (teacher_ids/teacher_logprobs [R, K], verl's forward_kl_topk) or trl (teacher_topk_ids/"
+            "teacher_topk_logprobs/teacher_id, TRL's distillation).",
+        ),
+    ] = "lightning-opd",
     version: Annotated[int | None, typer.Option(help="Version (default: latest).")] = None,
 ) -> None:
-    """Export a dataset version in the reference Lightning-OPD (slime) Parquet layout."""
+    """Export a dataset version: the reference Lightning-OPD (slime) layout, or its top-k for verl or TRL."""
     with cli_errors():
         check_store_path(store)
-        _check_format(fmt)
-        from lopd.storage.interop import export_lightning_opd
+        from lopd.storage.export_topk import TOPK_FORMATS, export_topk
 
-        n = export_lightning_opd(store, dataset, out, _load_tokenizer(tokenizer), version=version)
+        if fmt in TOPK_FORMATS:
+            n = export_topk(store, dataset, out, fmt, version=version)  # type: ignore[arg-type]
+        else:
+            if fmt not in FORMATS:
+                raise InvalidInput(f"unknown format {fmt!r}; supported: {', '.join(FORMATS + TOPK_FORMATS)}")
+            if tokenizer is None:
+                raise InvalidInput("--format lightning-opd needs --tokenizer (to decode the prompt and response text)")
+            from lopd.storage.interop import export_lightning_opd
+
+            n = export_lightning_opd(store, dataset, out, _load_tokenizer(tokenizer), version=version)
     typer.echo(f"exported {n} samples of {dataset!r} to {out}")
 
 

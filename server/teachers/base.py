@@ -111,6 +111,21 @@ def order_topk(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.take_along_axis(ids, order, -1), np.take_along_axis(logprobs, order, -1)
 
 
+def best_k(ids: Sequence[int], logprobs: Sequence[float], k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The `k` best of one position's candidates, by descending log-prob, ties by the lower id; None if < k ids.
+
+    For engines that return the top K plus the actual token (vLLM: K or K + 1 entries, the actual token
+    possibly listed twice): the actual token is kept only where it is itself among the best K.
+    """
+    unique: dict[int, float] = {}
+    for t, v in zip(ids, logprobs):
+        unique.setdefault(int(t), float(v))
+    if len(unique) < k:
+        return None
+    picked = sorted(unique.items(), key=lambda item: (-item[1], item[0]))[:k]
+    return np.array([t for t, _ in picked], np.int32), np.array([v for _, v in picked], np.float32)
+
+
 OptionsT = TypeVar("OptionsT", bound="TeacherOptions")
 
 

@@ -48,6 +48,7 @@ class HTTPTeacherOptions(TeacherOptions):
 
     uses_server: ClassVar[bool] = True
     generates_token: ClassVar[bool] = True
+    supports_top_k: ClassVar[bool] = True
     extra: ClassVar[str] = "http-teacher"
 
     teacher_url: str = Field(
@@ -62,7 +63,7 @@ class HTTPTeacherOptions(TeacherOptions):
         return "server"  # chosen when the server was started
 
     def load(self, model_dir: str | Path, job: ScoringJob) -> Teacher:
-        return self.teacher_class()(model_dir, temperature=job.temperature, **self.model_dump())
+        return self.teacher_class()(model_dir, temperature=job.temperature, top_k=job.top_k, **self.model_dump())
 
     @classmethod
     def teacher_class(cls) -> type[HTTPTeacher]:
@@ -138,6 +139,8 @@ class HTTPTeacher:
     options_class: ClassVar[type[HTTPTeacherOptions]] = HTTPTeacherOptions
     # Appended to the refusal when the server ignores the temperature: how to make it apply it.
     temperature_hint: ClassVar[str] = ""
+    # Appended to the refusal when the server will not return the top K asked: how to make it.
+    top_k_hint: ClassVar[str] = ""
     # Both SGLang and vLLM refuse an input as long as the context: the server wants room for one
     # generated token (vLLM generates it; SGLang checks `input >= context` even with 0 new tokens).
     context_reserve: ClassVar[int] = 1
@@ -149,6 +152,7 @@ class HTTPTeacher:
         options, job = self.options_class.split(settings)
         self.options = options
         self.temperature = job.temperature
+        self.top_k = job.top_k
         self.local = read_local_model(model_dir)
         self.tokenizer = self.local.tokenizer
         self.http = HTTPClient(
@@ -187,11 +191,26 @@ class HTTPTeacher:
         """One record's response log-probs (float32) at `temperature`; `i` is None for the load probe."""
         raise NotImplementedError
 
+    def _score_record_topk(
+        self, i: int | None, prompt: list[int], response: list[int], temperature: float
+    ) -> TopKScores:
+        """`_score_record` plus the job's top K at each response position, ordered as `base.order_topk`."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ scoring
 
     def score_topk(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[TopKScores]:
-        """Not implemented for this backend yet (`supports_top_k` is False; precompute refuses --top-k first)."""
-        raise InvalidInput(f"the {self.info.backend} backend does not store top-k yet; use --backend transformers")
+        """`score`, plus the job's top K at every response position (see `TopKScores`), in input order."""
+        if not self.top_k:
+            raise ValueError("this teacher was loaded without top_k")
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+        if self.http is None:
+            raise RuntimeError("this teacher has been closed")
+        records = [self._validate(i, p, r) for i, (p, r) in enumerate(zip(prompts, responses))]
+        return self.http.map_ordered(
+            len(records), lambda i: self._score_record_topk(i, *records[i], self.temperature)
+        )
 
     def score(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[np.ndarray]:
         """`log_softmax(teacher(prompt + response[:j]) / T)[response[j]]` per response token, in input order."""
@@ -224,6 +243,16 @@ class HTTPTeacher:
         seq = [(7 * k + 3) % lim for k in range(12)]
         prompt, response = seq[:4], seq[4:]
         at_t = self._score_record(None, prompt, response, self.temperature)
+        if self.top_k:
+            if self.top_k > self.local.id_limit:
+                raise InvalidInput(f"--top-k {self.top_k} exceeds the teacher's vocabulary of {self.local.id_limit}")
+            try:
+                self._score_record_topk(None, prompt, response, self.temperature)
+            except TeacherServerError as e:
+                raise InvalidInput(
+                    f"the {self.backend} server at {self.http.base_url} does not return the top {self.top_k} "
+                    f"log-probs asked: {e}. {self.top_k_hint}"
+                ) from e
         if self.temperature == 1.0:
             return
         at_1 = self._score_record(None, prompt, response, 1.0)

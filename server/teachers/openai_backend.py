@@ -15,6 +15,11 @@ vLLM computes prompt log-probs for every position, prompt included (there is no 
 and, in V1 with the default `--logprobs-mode raw_logprobs`, before any temperature: the load
 probe refuses a temperature other than 1 that the server ignores.
 
+With `--top-k K` the request asks `prompt_logprobs = K`: each element then holds the top K (ranks 1..K)
+and the actual token, K or K + 1 entries (`response_topk` keeps the best K by log-prob, then lower id).
+The server caps K at its `--max-logprobs` (vLLM's default 20; a larger K is refused with HTTP 400 by
+the load probe, which says to restart the server with `--max-logprobs K`).
+
 The served model name comes from `GET /v1/models` (the only model it lists, or the one whose
 `root` is the teacher directory) unless given.
 """
@@ -30,6 +35,7 @@ from pydantic import Field
 
 from lopd.errors import InvalidInput, TeacherServerError
 
+from .base import TopKScores, best_k
 from .http_teacher import HTTPTeacher, HTTPTeacherOptions, ServerFacts, finite_float32
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,30 @@ def response_logprobs(
     return finite_float32(values, what=what, record=record)
 
 
+def response_topk(
+    entries: list[Any], n_prompt: int, n_response: int, k: int, *, what: str, record: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """[R, k] ids and log-probs at the response positions of `prompt_logprobs` asked with K = k (checked by
+    `response_logprobs` first): the best k candidates by log-prob, then lower id, each of rank <= k."""
+    ids = np.empty((n_response, k), np.int32)
+    lps = np.empty((n_response, k), np.float32)
+    for j in range(n_response):
+        entry = entries[n_prompt + j]
+        try:
+            cand = [(int(t), v.get("logprob") if isinstance(v, dict) else v) for t, v in entry.items()]
+            ranks = {int(t): v.get("rank") if isinstance(v, dict) else None for t, v in entry.items()}
+        except (AttributeError, TypeError, ValueError) as e:
+            raise TeacherServerError(f"{what}: position {n_prompt + j} is not a map of token ids ({e})", record=record)
+        values = finite_float32([v for _, v in cand], what=what, record=record)
+        picked = best_k([t for t, _ in cand], values.tolist(), k)
+        if picked is None or any(isinstance(r, int) and r > k for r in (ranks[int(t)] for t in picked[0])):
+            raise TeacherServerError(
+                f"{what}: position {n_prompt + j} holds {len(cand)} candidates, not the top {k} asked", record=record
+            )
+        ids[j], lps[j] = picked
+    return ids, lps
+
+
 class OpenAIOptions(HTTPTeacherOptions):
     """The openai backend's options: those of every server-backed backend, and the served model's name."""
 
@@ -86,6 +116,10 @@ class OpenAITeacher(HTTPTeacher):
     temperature_hint = (
         "vLLM returns prompt log-probs before temperature by default (V1, --logprobs-mode raw_logprobs); "
         "score at --temperature 1, or use a server that applies the temperature to prompt log-probs."
+    )
+    top_k_hint = (
+        "vLLM caps prompt log-probs at its --max-logprobs (20 by default): restart the server with --max-logprobs "
+        "at least --top-k."
     )
 
     def __init__(self, model_dir: str | Path, **kw: Any) -> None:
@@ -130,13 +164,21 @@ class OpenAITeacher(HTTPTeacher):
         return ServerFacts(max_context=context if isinstance(context, int) and context > 0 else None)
 
     def _score_record(self, i: int | None, prompt: list[int], response: list[int], temperature: float) -> np.ndarray:
+        return self._request(i, prompt, response, temperature, 0).logprobs
+
+    def _score_record_topk(
+        self, i: int | None, prompt: list[int], response: list[int], temperature: float
+    ) -> TopKScores:
+        return self._request(i, prompt, response, temperature, self.top_k)
+
+    def _request(self, i: int | None, prompt: list[int], response: list[int], temperature: float, k: int) -> TopKScores:
         what = self.label(i)
         ids = prompt + response
         body = {
             "model": self.model,
             "prompt": ids,
             "max_tokens": 1,
-            "prompt_logprobs": 0,
+            "prompt_logprobs": k,
             "temperature": temperature,
             "stream": False,
         }
@@ -151,4 +193,7 @@ class OpenAITeacher(HTTPTeacher):
                 record=i,
             ) from e
         echoed = choice.get("prompt_token_ids") if isinstance(choice, dict) else None
-        return response_logprobs(entries, ids, len(prompt), what=what, record=i, echoed=echoed)
+        logprobs = response_logprobs(entries, ids, len(prompt), what=what, record=i, echoed=echoed)
+        if not k:
+            return TopKScores(logprobs, np.empty((len(response), 0), np.int32), np.empty((len(response), 0), np.float32))
+        return TopKScores(logprobs, *response_topk(entries, len(prompt), len(response), k, what=what, record=i))

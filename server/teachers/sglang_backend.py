@@ -25,6 +25,15 @@ that every response value is a finite number. Any other count, id or a null valu
 error naming the record and what was expected, so a server version that moves the offset is
 refused instead of silently shifting every stored log-prob by one token.
 
+Top-k (`--top-k K`): the request adds `top_logprobs_num = K`, and `meta_info.input_top_logprobs` holds,
+aligned entry for entry with `input_token_logprobs` (recent SGLang builds both as `[None] + values[:-1]` in
+`_process_input_token_logprobs` / `_process_input_top_logprobs` of its scheduler's logprob processing; older
+SGLang prepends the None only at K = 0), a list of K `[logprob, token_id, text_or_null]` per position, or
+null. This backend drops the same leading entry as for the token log-probs and keeps the best K of each
+list by log-prob, then lower id (SGLang's `topk` order on ties is its own). SGLang has no cap like vLLM's
+`max_logprobs`. No SGLang server runs here (it needs a GPU): the parsing is tested on answers shaped as the
+source builds them (tests/server/test_http_teachers.py), not against a live server.
+
 Temperature: SGLang scales the returned log-probs by the sampling temperature only when the
 server runs with `SGLANG_TEMP_SCALED_LOGPROBS=1` (slime's teacher launcher sets it); the load
 probe refuses a temperature other than 1 that the server ignores.
@@ -40,6 +49,7 @@ import numpy as np
 
 from lopd.errors import InvalidInput, TeacherServerError
 
+from .base import TopKScores, best_k
 from .http_teacher import HTTPTeacher, HTTPTeacherOptions, ServerFacts, finite_float32
 
 log = logging.getLogger(__name__)
@@ -83,6 +93,41 @@ def response_logprobs(
     if nulls:  # only the entry before the first scored position may be null
         raise refuse(f"response token {nulls[0]} has a null log-prob")
     return finite_float32([e[0] for e in entries], what=what, record=record)
+
+
+def response_topk(
+    top_entries: Any, prompt: list[int], response: list[int], k: int, *, what: str, record: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """[R, k] ids and log-probs from `input_top_logprobs` asked with `logprob_start_len = len(prompt) - 1`.
+
+    Aligned with `input_token_logprobs` (already checked by `response_logprobs`): `len(response) + 1` lists
+    (the first, for the last prompt token, dropped) or `len(response)`.
+    """
+    n = len(response)
+    if not isinstance(top_entries, list) or len(top_entries) not in (n, n + 1):
+        got = len(top_entries) if isinstance(top_entries, list) else type(top_entries).__name__
+        raise TeacherServerError(
+            f"{what}: SGLang's input_top_logprobs has {got} entries for {n} response tokens", record=record
+        )
+    top_entries = top_entries[len(top_entries) - n :]
+    ids = np.empty((n, k), np.int32)
+    lps = np.empty((n, k), np.float32)
+    for j, entry in enumerate(top_entries):
+        if not isinstance(entry, list) or not all(isinstance(e, (list, tuple)) and len(e) >= 2 for e in entry):
+            raise TeacherServerError(
+                f"{what}: SGLang's input_top_logprobs at response token {j} is {str(entry)[:100]}, not a list of "
+                "[logprob, token_id, text]",
+                record=record,
+            )
+        values = finite_float32([e[0] for e in entry], what=what, record=record)
+        picked = best_k([int(e[1]) for e in entry], values.tolist(), k)
+        if picked is None:
+            raise TeacherServerError(
+                f"{what}: SGLang returned {len(entry)} top log-probs at response token {j}, fewer than the {k} asked",
+                record=record,
+            )
+        ids[j], lps[j] = picked
+    return ids, lps
 
 
 class SGLangOptions(HTTPTeacherOptions):
@@ -147,21 +192,36 @@ class SGLangTeacher(HTTPTeacher):
         )
 
     def _score_record(self, i: int | None, prompt: list[int], response: list[int], temperature: float) -> np.ndarray:
+        return self._request(i, prompt, response, temperature, 0).logprobs
+
+    def _score_record_topk(
+        self, i: int | None, prompt: list[int], response: list[int], temperature: float
+    ) -> TopKScores:
+        return self._request(i, prompt, response, temperature, self.top_k)
+
+    def _request(self, i: int | None, prompt: list[int], response: list[int], temperature: float, k: int) -> TopKScores:
         what = self.label(i)
-        body = {
+        body: dict[str, Any] = {
             "input_ids": prompt + response,
             "sampling_params": {"max_new_tokens": 0, "temperature": temperature},
             "return_logprob": True,
             "logprob_start_len": len(prompt) - 1,
         }
+        if k:
+            body["top_logprobs_num"] = k
         answer = self.http.post_json("/generate", body, what=what, record=i)
         if isinstance(answer, list) and len(answer) == 1:  # a batch of one
             answer = answer[0]
         try:
             entries = answer["meta_info"]["input_token_logprobs"]
+            top = answer["meta_info"]["input_top_logprobs"] if k else None
         except (KeyError, TypeError) as e:
             raise TeacherServerError(
-                f"{what}: the SGLang answer has no meta_info.input_token_logprobs ({e!r}); is this an SGLang server?",
+                f"{what}: the SGLang answer has no meta_info.{'input_top_logprobs' if k else 'input_token_logprobs'} "
+                f"({e!r}); is this an SGLang server?",
                 record=i,
             ) from e
-        return response_logprobs(entries, prompt, response, what=what, record=i)
+        logprobs = response_logprobs(entries, prompt, response, what=what, record=i)
+        if not k:
+            return TopKScores(logprobs, np.empty((len(response), 0), np.int32), np.empty((len(response), 0), np.float32))
+        return TopKScores(logprobs, *response_topk(top, prompt, response, k, what=what, record=i))

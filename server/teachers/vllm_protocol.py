@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lopd.errors import InvalidInput, TeacherServerError
+from lopd.server.teachers.base import best_k
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ GiB = 2**30
 # The backend's default share of GPU memory for weights and KV cache (vLLM's own is 0.92; the rest is the
 # prompt-logprob transient's, see `transient_target_bytes`). Not used on CPU, where the KV cache is sized explicitly.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.85
+# vLLM's default engine option `max_logprobs`: the most candidates a request may ask per position.
+DEFAULT_MAX_LOGPROBS = 20
 # The smallest KV cache the CPU default asks for (block tables and rounding need some room even for tiny models).
 MIN_KV_CACHE_BYTES = 64 * 2**20
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
@@ -176,8 +179,8 @@ def sampling_param_fields(cls: Any) -> frozenset[str]:
     return frozenset(fields)
 
 
-def sampling_kwargs(sampling_fields: Collection[str] = ()) -> dict[str, Any]:
-    """Keyword arguments of the one `SamplingParams` every scoring request uses.
+def sampling_kwargs(sampling_fields: Collection[str] = (), prompt_logprobs: int = 0) -> dict[str, Any]:
+    """Keyword arguments of the one `SamplingParams` every scoring request uses (`prompt_logprobs`: top K, or 0).
 
     `temperature=1.0` only shapes the one throw-away sampled token (prompt log-probs ignore it, see the
     module docstring). No per-request `seed`: prompt log-probs do not depend on it, and vLLM's CPU engine
@@ -186,7 +189,8 @@ def sampling_kwargs(sampling_fields: Collection[str] = ()) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "n": 1,
         "max_tokens": 1,  # vLLM refuses 0
-        "prompt_logprobs": 0,  # the actual token's log-prob at every prompt position, no other candidates
+        # The actual token's log-prob at every prompt position, plus the top K there when K > 0.
+        "prompt_logprobs": int(prompt_logprobs),
         "logprobs": None,
         "detokenize": False,
         "temperature": 1.0,
@@ -218,11 +222,13 @@ def engine_kwargs(
     tensor_parallel_size: int,
     kv_cache_memory_bytes: int | None = None,
     enforce_eager: bool = False,
+    top_k: int = 0,
     engine_fields: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM`; options not in `engine_fields` (the installed `EngineArgs`) are dropped.
 
-    `gpu_memory_utilization` and `kv_cache_memory_bytes` are passed only when set (None: vLLM's rule).
+    `gpu_memory_utilization` and `kv_cache_memory_bytes` are passed only when set (None: vLLM's rule);
+    `max_logprobs` only when `top_k` exceeds vLLM's default cap (`DEFAULT_MAX_LOGPROBS`).
     """
     kw: dict[str, Any] = {
         "model": str(model_dir),
@@ -244,7 +250,15 @@ def engine_kwargs(
         kw["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
+    if top_k > DEFAULT_MAX_LOGPROBS:
+        kw["max_logprobs"] = int(top_k)
     if engine_fields is not None:
+        if top_k > DEFAULT_MAX_LOGPROBS and "max_logprobs" not in engine_fields:
+            raise InvalidInput(
+                f"--top-k {top_k}: this vLLM caps prompt log-probs at {DEFAULT_MAX_LOGPROBS} candidates a position and "
+                f"has no max_logprobs engine option to raise it; use --top-k {DEFAULT_MAX_LOGPROBS} or less, or "
+                "--backend transformers"
+            )
         dropped = sorted(k for k in kw if k not in engine_fields and k != "model")
         if dropped:
             log.info("this vLLM has no engine option(s) %s; using its defaults", ", ".join(dropped))
@@ -326,3 +340,47 @@ def response_logprobs(
             raise misaligned(record, f"position {pos} (response token {j}) has no entry for id {tok}; got {got!r}")
         values.append(lp)
     return _finite(values, record)
+
+
+def response_topk(
+    prompt_logprobs: Any, prompt_len: int, response: Sequence[int], k: int, *, record: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top `k` ([R, k] int32 ids, float32 log-probs, ordered as `base.order_topk`) at each response position.
+
+    From `RequestOutput.prompt_logprobs` asked with `prompt_logprobs=k`: each position holds the top k
+    (ranks 1..k) and the actual token (k or k + 1 entries, either form `response_logprobs` reads). The best
+    k of them by (log-prob, lower id) are kept, so the actual token stays only where it is among them; a
+    position with fewer than k distinct entries, or a kept entry whose rank is above k, is refused.
+    """
+    n = prompt_len + len(response)
+    ids = np.empty((len(response), k), np.int32)
+    lps = np.empty((len(response), k), np.float32)
+    flat = all(hasattr(prompt_logprobs, a) for a in ("start_indices", "end_indices", "token_ids", "logprobs"))
+    if flat:
+        starts, ends = list(prompt_logprobs.start_indices), list(prompt_logprobs.end_indices)
+        token_ids, values = list(prompt_logprobs.token_ids), list(prompt_logprobs.logprobs)
+        ranks = list(getattr(prompt_logprobs, "ranks", None) or [None] * len(token_ids))
+        if len(starts) != n:
+            raise misaligned(record, f"expected {n} positions (one per input token), got {len(starts)}")
+    elif not isinstance(prompt_logprobs, Sequence) or len(prompt_logprobs) != n:
+        raise misaligned(record, f"expected {n} positions (one per input token)")
+    for j in range(len(response)):
+        pos = prompt_len + j
+        if flat:
+            span = range(starts[pos], ends[pos])
+            cand = [(int(token_ids[e]), _entry_logprob(values[e]), ranks[e]) for e in span]
+        else:
+            entry = prompt_logprobs[pos]
+            if not isinstance(entry, Mapping):
+                raise misaligned(record, f"position {pos} (response token {j}) has no candidates: {entry!r}")
+            cand = [(int(t), _entry_logprob(v), getattr(v, "rank", None)) for t, v in entry.items()]
+        if not all(isinstance(c[1], (int, float)) and math.isfinite(c[1]) and c[1] <= 1e-3 for c in cand):
+            raise misaligned(record, f"position {pos} has a candidate that is not a finite log-probability: {cand!r}")
+        picked = best_k([c[0] for c in cand], [c[1] for c in cand], k)
+        if picked is None:
+            raise misaligned(record, f"position {pos} has {len(cand)} candidates, fewer than the {k} asked")
+        rank_of = {c[0]: c[2] for c in cand}
+        if any(isinstance(rank_of[int(t)], int) and rank_of[int(t)] > k for t in picked[0]):
+            raise misaligned(record, f"position {pos}: a kept candidate has a rank above {k}")
+        ids[j], lps[j] = picked
+    return ids, lps

@@ -78,14 +78,22 @@ def test_top_k_run_killed_mid_part_resumes_to_the_uninterrupted_store(
 
 
 @pytest.mark.parametrize("backend", [{"name": "sglang", "teacher_url": "http://127.0.0.1:9"}, {"name": "vllm"}])
-def test_top_k_with_a_backend_that_cannot_is_refused_before_any_work(tmp_path: Path, backend: dict) -> None:
+def test_every_backend_takes_top_k_and_one_that_cannot_is_refused_before_any_work(
+    tmp_path: Path, backend: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pydantic import ValidationError
 
     from lopd.server.precompute import PrecomputeConfig
+    from lopd.server.teachers import BACKENDS
 
-    with pytest.raises(ValidationError, match="does not store the teacher's top-k"):
-        PrecomputeConfig(
+    def config() -> PrecomputeConfig:
+        return PrecomputeConfig(
             rollouts=[tmp_path], teacher=tmp_path, sft_teacher=str(tmp_path), store=tmp_path / "s", dataset="d",
-            backend=backend, top_k=4,
+            backend=dict(backend), top_k=4,
         )  # fmt: skip
+
+    assert config().job().top_k == 4  # vllm (prompt_logprobs=K), sglang (top_logprobs_num), openai: all store top-k
+    monkeypatch.setattr(BACKENDS[backend["name"]], "supports_top_k", False)  # a backend that could not
+    with pytest.raises(ValidationError, match="does not store the teacher's top-k"):
+        config()
     assert not (tmp_path / "s").exists()

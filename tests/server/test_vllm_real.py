@@ -72,6 +72,9 @@ def _records(spec: list[tuple[int, int]], seed: int) -> tuple[list[list[int]], l
 # Mixed lengths: one-token prompts and responses, long prompts with short responses and the reverse.
 LENGTHS = [(1, 1), (1, 200), (300, 7), (5, 1), (64, 64), (500, 400), (2, 3), (128, 600), (17, 33), (1, 999)]
 TOPK_LENGTHS = [(3, 12), (1, 20), (30, 30)]
+# `--top-k` per model: llama above vLLM's default max_logprobs (20), so the engine must be started with a larger one;
+# qwen2 at the default cap (its engine also pins what prompt_logprobs=K returns, with the default cap).
+TOP_K = {"llama": 25, "qwen2": 20}
 
 
 def _write_rollouts(path: Path, n: int, seed: int, max_prompt: int = 200, max_response: int = 300) -> Path:
@@ -202,7 +205,7 @@ def in_process(tmp_path_factory: pytest.TempPathFactory, vllm_models: dict[str, 
     topk_prompts, topk_responses = _records(TOPK_LENGTHS, seed=9)
     jobs = [
         {
-            "name": arch, "model": str(model), "options": {"dtype": "float32"}, "prompts": prompts,
+            "name": arch, "model": str(model), "options": {"dtype": "float32", "top_k": TOP_K[arch]}, "prompts": prompts,
             "responses": responses, "id_limit": ID_LIMIT, "chunk_tokens": 3000 if arch == "llama" else None,
             "topk": None if arch != "qwen2" else {
                 "records": [list(x) for x in zip(topk_prompts, topk_responses)], "ks": [0, 1, 5, 20],
@@ -248,6 +251,28 @@ def _assert_naive(in_process: dict[str, Any], name: str, model: Any) -> None:
         assert diff <= NAIVE_ATOL, (i, diff)
         worst = max(worst, diff)
     print(f"{name}: max |vLLM - naive| = {worst:.2e} over {sum(map(len, responses))} tokens")
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_in_process_vllm_topk_matches_the_naive_reference(in_process: dict[str, Any], hf_models: dict[str, Any], arch):
+    from lopd.server.teachers.base import TopKScores
+    from tests.server.test_topk_transformers import assert_topk_matches, naive_topk
+
+    job, k = in_process["jobs"][arch], TOP_K[arch]
+    prompts, responses = in_process["records"][arch]
+    assert job["max_logprobs"] == max(k, 20)  # raised to K above vLLM's default cap, else left alone
+    worst = 0.0
+    for i, (p, r, s, plain) in enumerate(zip(prompts, responses, job["scored_topk"], job["logprobs"])):
+        assert s["dtypes"] == ["int32", "float32"]
+        got = TopKScores(np.asarray(s["logprobs"], np.float32), np.asarray(s["ids"], np.int32),
+                         np.asarray(s["topk"], np.float32))  # fmt: skip
+        ref_ids, ref_lps = naive_topk(hf_models[arch], p, r, k, 1.0)
+        assert_topk_matches(got, ref_ids, ref_lps, k)
+        # The sampled token's log-prob is kept whether or not it is in the top K, as `score` returns it.
+        np.testing.assert_allclose(got.logprobs, plain, atol=1e-5, rtol=0)
+        worst = max(worst, float(np.max(np.abs(got.topk_logprobs - ref_lps))))
+    print(f"{arch}: top-{k} max |vLLM - naive| = {worst:.2e}; score {job['score_s']:.2f} s, "
+          f"score_topk {job['score_topk_s']:.2f} s over {sum(map(len, responses))} tokens")  # fmt: skip
 
 
 def test_in_process_vllm_with_the_real_qwen3_vocabulary(in_process: dict[str, Any]) -> None:
@@ -445,3 +470,29 @@ def test_openai_precompute_refuses_like_the_vllm_backend(
         assert out.exit_code == 2, out.output
         assert message in " ".join(out.output.split()), out.output
         assert not layout.dataset_dir(store, "ds").exists() or not any(layout.dataset_dir(store, "ds").glob("v*"))
+
+
+def test_openai_backend_topk_against_real_vllm_matches_the_naive_reference(
+    openai_server: str, vllm_models: dict[str, Path], hf_models: dict[str, Any]
+) -> None:
+    from lopd.errors import InvalidInput
+    from lopd.server.teachers.openai_backend import OpenAITeacher
+    from tests.server.test_topk_transformers import assert_topk_matches, naive_topk
+
+    model, k = vllm_models["qwen2"], 8
+    prompts, responses = _records([(p, r) for p, r in LENGTHS if p + r < 300], seed=12)
+    teacher = OpenAITeacher(model, teacher_url=openai_server, top_k=k)
+    try:
+        got = teacher.score_topk(prompts, responses)
+    finally:
+        teacher.close()
+    worst = 0.0
+    for p, r, g in zip(prompts, responses, got):
+        ref_ids, ref_lps = naive_topk(hf_models["qwen2"], p, r, k, 1.0)
+        assert_topk_matches(g, ref_ids, ref_lps, k)
+        np.testing.assert_allclose(g.logprobs, naive_logprobs(hf_models["qwen2"], p, r), atol=NAIVE_ATOL, rtol=0)
+        worst = max(worst, float(np.max(np.abs(g.topk_logprobs - ref_lps))))
+    print(f"openai (real vLLM server): top-{k} max |server - naive| = {worst:.2e}")
+    # The server was started with vLLM's default --max-logprobs 20: K = 21 is refused at load, saying how to fix it.
+    with pytest.raises(InvalidInput, match=r"does not return the top 21 .*greater than max allowed: 20.*--max-logprobs"):
+        OpenAITeacher(model, teacher_url=openai_server, top_k=21)

@@ -5,12 +5,14 @@ It answers in the servers' documented shapes with real log-probs from a tiny tra
 real numbers, real sockets and real HTTP, not mocks:
 
 * SGLang: `POST /generate` (`input_ids`, `sampling_params`, `return_logprob`, `logprob_start_len`;
-  `meta_info.input_token_logprobs` as `[logprob, token_id, null]`), `GET /get_model_info`,
+  `meta_info.input_token_logprobs` as `[logprob, token_id, null]`; with `top_logprobs_num` K,
+  `meta_info.input_top_logprobs` aligned with it, K `[logprob, token_id, null]` per position, null first), `GET /get_model_info`,
   `GET /get_server_info`, `GET /health`. The offset convention follows SGLang's source: recent
   versions return tokens `K..L-1` with a null first entry; `sglang_convention="2024"` returns
   tokens `K+1..L-1` (and a null entry for token 0 only when K = 0).
 * vLLM OpenAI-compatible: `POST /v1/completions` (token-id `prompt`, `prompt_logprobs`;
-  `choices[0].prompt_logprobs` = `[null, {"<id>": {"logprob", "rank", "decoded_token"}}, ...]`),
+  `choices[0].prompt_logprobs` = `[null, {"<id>": {"logprob", "rank", "decoded_token"}}, ...]`, with
+  `prompt_logprobs` K the top K too (ranks 1..K), K above `max_logprobs` (20) refused as vLLM does),
   `GET /v1/models`.
 
 `Faults` injects what real servers do under load or after an upgrade: connections dropped
@@ -91,12 +93,21 @@ class _App:
 
     # ------------------------------------------------------------------ the model
 
-    def logprobs(self, ids: list[int], temperature: float) -> tuple[np.ndarray, np.ndarray]:
-        """Per position t >= 1: log p(ids[t] | ids[:t]) at `temperature`, and its rank (1 = most likely)."""
+    def full_logprobs(self, ids: list[int], temperature: float) -> torch.Tensor:
+        """[L, V] float32: row t is log p(. | ids[:t + 1]) at `temperature`."""
         t = 1.0 if self.state.faults.ignore_temperature else temperature
         with self.lock, torch.no_grad():
             logits = self.model(input_ids=torch.tensor([ids])).logits[0].float()
-        lp = torch.log_softmax(logits / t, dim=-1)
+        return torch.log_softmax(logits / t, dim=-1)
+
+    def top(self, ids: list[int], temperature: float, k: int) -> list[list[tuple[float, int]] | None]:
+        """Per position t: None at 0, else the top `k` (log-prob, id) of log p(. | ids[:t]), most likely first."""
+        vals, idx = self.full_logprobs(ids, temperature)[:-1].topk(k, dim=-1)
+        return [None] + [list(zip(v.tolist(), i.tolist())) for v, i in zip(vals, idx)]
+
+    def logprobs(self, ids: list[int], temperature: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per position t >= 1: log p(ids[t] | ids[:t]) at `temperature`, and its rank (1 = most likely)."""
+        lp = self.full_logprobs(ids, temperature)
         target = torch.tensor(ids[1:])
         chosen = lp[:-1].gather(1, target[:, None])
         ranks = 1 + (lp[:-1] > chosen).sum(dim=1)
@@ -196,6 +207,14 @@ class _App:
                 entries.insert(0, [None, ids[0], None])
         if faults.wrong_ids:
             entries = [[v, (i + 1) % self.vocab, text] for v, i, text in entries]
+        top_n = int(body.get("top_logprobs_num") or 0)
+        tops: list[Any] = []
+        if top_n:  # aligned with `entries`: the same positions, the first null (the scheduler's `[None] + ...`)
+            top = self.top(ids, float(params.get("temperature", 1.0)), top_n)
+            first = start if faults.sglang_convention == "recent" else start + 1
+            tops = [None if t == start else [[v, i, None] for v, i in top[t] or []] for t in range(first, len(ids))]
+            if faults.sglang_convention != "recent" and start == 0:
+                tops.insert(0, None)
         meta = {
             "id": f"req-{self.state.scoring_requests}",
             "prompt_tokens": len(ids),
@@ -203,6 +222,7 @@ class _App:
             "finish_reason": {"type": "length", "length": 0},
             "input_token_logprobs": entries,
             "output_token_logprobs": [],
+            **({"input_top_logprobs": tops, "output_top_logprobs": []} if top_n else {}),
         }
         self.send(h, 200, {"text": "", "meta_info": meta})
 
@@ -235,12 +255,20 @@ class _App:
                 "Please reduce the length of the messages or completion."
             )
             return self.send(h, 400, {"error": {"message": message, "type": "BadRequestError", "code": 400}})
+        k = int(body.get("prompt_logprobs") or 0)
+        if k > 20:
+            message = f"Requested prompt logprobs of {k}, which is greater than max allowed: 20"
+            return self.send(h, 400, {"error": {"message": message, "type": "BadRequestError", "code": 400}})
         lp, ranks = self.logprobs(ids, float(body.get("temperature", 1.0)))
+        top = self.top(ids, float(body.get("temperature", 1.0)), k) if k else None
         prompt_logprobs: list[Any] = [None]
         for t in range(1, len(ids)):
             key = (ids[t] + 1) % self.vocab if faults.wrong_ids else ids[t]
             entry = {"logprob": lp[t], "rank": int(ranks[t]), "decoded_token": self.tokenizer.decode([ids[t]])}
-            prompt_logprobs.append({str(key): entry})
+            position = {str(key): entry}
+            for rank, (v, i) in enumerate((top or [None] * len(ids))[t] or [], 1):  # vLLM: the top K, then the actual
+                position = {str(i): {"logprob": v, "rank": rank, "decoded_token": ""}, **position}
+            prompt_logprobs.append(position)
         choice = {
             "index": 0,
             "text": "x",

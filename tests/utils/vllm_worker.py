@@ -3,8 +3,9 @@
     .venv-vllm/bin/python tests/utils/vllm_worker.py SPEC.json RESULT.json
 
 SPEC: {"jobs": [{"name", "model", "options", "prompts", "responses", "chunk_tokens"?, "topk"?}]}. For each job
-it loads `VLLMTeacher(model, **options)`, scores the records, checks what must be refused, and (with "topk")
-asks the same engine for `prompt_logprobs=K` to record what vLLM returns. The tests compare everything with
+it loads `VLLMTeacher(model, **options)`, scores the records (with `score_topk` too when the options have a
+`top_k`), checks what must be refused, and (with "topk") asks the same engine for `prompt_logprobs=K` to
+record what vLLM returns. The tests compare everything with
 the naive reference in the project's environment; this script only reports (no pytest here). vLLM spawns
 its engine process, hence the `__main__` guard.
 """
@@ -100,6 +101,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         result["score_s"] = time.perf_counter() - start
         result["logprobs"] = [g.tolist() for g in got]
         result["dtypes"] = sorted({str(g.dtype) for g in got})
+        if job["options"].get("top_k"):
+            start = time.perf_counter()
+            scored = teacher.score_topk(job["prompts"], job["responses"])
+            result["score_topk_s"] = time.perf_counter() - start
+            result["scored_topk"] = [
+                {"logprobs": s.logprobs.tolist(), "ids": s.ids.tolist(), "topk": s.topk_logprobs.tolist(),
+                 "dtypes": [str(s.ids.dtype), str(s.topk_logprobs.dtype)]}
+                for s in scored
+            ]  # fmt: skip
+            result["max_logprobs"] = getattr(teacher.llm.llm_engine.model_config, "max_logprobs", None)
         result["empty"] = teacher.score([], [])
         limit = teacher.info.max_context
         result["refused"] = {
