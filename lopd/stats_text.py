@@ -71,6 +71,9 @@ def render_text(cov: CoverageStats, con: ConsistencyStats | None) -> str:
             f"(mean rollout lp {r.mean_rollout_logprob:.4f}, teacher lp {r.mean_teacher_logprob:.4f}, "
             f"{r.tokens} tokens)"
         )
+    if con.per_teacher:
+        lines.append(f"  per teacher       {len(con.per_teacher)} routed teachers (each on its own samples)")
+        lines.extend(_per_teacher(con))
     total = sum(b.count for b in con.teacher_logprob_histogram) or 1
     lines.append("  teacher log-prob histogram")
     for b in con.teacher_logprob_histogram:
@@ -78,3 +81,24 @@ def render_text(cov: CoverageStats, con: ConsistencyStats | None) -> str:
         label = f"< {b.hi:.0f}" if b.lo <= -20 else f"[{b.lo:.0f}, {b.hi:.0f})"
         lines.append(f"    {label:>9} {b.count:>9}  {bar}")
     return "\n".join(lines)
+
+
+def _per_teacher(con: ConsistencyStats) -> list[str]:
+    """A multi-teacher dataset's routes: verdict, size and log-prob summary, then the fingerprints, per route."""
+    lines = []
+    for t in con.per_teacher:
+        mean = "-" if t.mean_teacher_logprob is None else f"{t.mean_teacher_logprob:.4f}"
+        below = "" if t.share_below_log_1e_4 is None else f", p < 1e-4: {100 * t.share_below_log_1e_4:.2f}%"
+        lines.append(
+            f"    {t.key!r}: {t.verdict.upper()}, {t.samples} samples, {t.tokens} tokens, teacher log-prob mean "
+            f"{mean}{below}"
+        )
+        lines.append(f"      teacher           {t.teacher_fingerprint}")
+        lines.append(f"      SFT-data teacher  {t.sft_teacher_fingerprint}")
+        if t.rollout_vs_teacher is not None:
+            r = t.rollout_vs_teacher
+            lines.append(
+                f"      KL(rollout || teacher) estimate {r.kl_rollout_teacher_estimate:.4f} nats/token "
+                f"({r.tokens} tokens)"
+            )
+    return lines

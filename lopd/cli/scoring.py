@@ -53,7 +53,7 @@ def _precompute(cfg: PrecomputeConfig) -> None:
 
 
 def _verify(cfg: VerifyConfig, *, as_json: bool = False) -> None:
-    """Re-score a random sample with a teacher; exit 1 if the stored log-probs differ beyond the tolerance."""
+    """Re-score a random sample with its teacher (per route, multi-teacher); exit 1 if it differs beyond tolerance."""
     from lopd.server.verify import verify_dataset
 
     quiet_transformers()

@@ -1,24 +1,31 @@
-"""Multi-teacher datasets (`lopd precompute --teacher-map`): routing, refusals, per-teacher stats, filter, resume."""
+"""Multi-teacher datasets (`lopd precompute --teacher-map`): routing, refusals, per-teacher stats, filter, resume,
+`lopd verify` route by route."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
 
+from lopd.cli import app
 from lopd.client.consistency import check_dataset_for_training
 from lopd.client.types import DatasetInfo
 from lopd.errors import InvalidInput, TeacherMismatch
 from lopd.server.precompute import PrecomputeConfig, run_precompute
 from lopd.server.teachers.transformers_backend import TransformersTeacher
+from lopd.server.verify import VerifyConfig, verify_dataset
+from lopd.stats_text import render_text
 from lopd.storage import layout
 from lopd.storage.reader import Store
-from lopd.storage.stats import consistency
+from lopd.storage.stats import consistency, coverage
 from tests.server.test_precompute import VOCAB, _shard_hashes
 
 # Interleaved domains, sizes not multiples of the part size: parts span routes.
@@ -204,3 +211,122 @@ def test_served_consistency_per_teacher_and_the_loader_filter(built) -> None:
             assert sorted(ids) == sorted(table["sample_id"].to_pylist()[:5])  # each code sample once, nothing else
             with pytest.raises(ValueError, match="has no routed teacher 'chem'"):
                 OPDLoader(client, "ds", 3, arrays="numpy", teachers=["chem"])
+
+
+def test_each_route_is_rescored_with_the_teacher_its_route_records(built, teachers) -> None:
+    root, *_ = built
+    report = verify_dataset(VerifyConfig(store=root / "store", dataset="ds", samples=3))
+    assert report.passed and report.fingerprint_matches and report.teacher_key == "data_source"
+    assert [(r.key, r.teacher, r.samples) for r in report.routes] == [
+        ("code", str(teachers["code"]), 3), ("math", str(teachers["math"]), 3)
+    ]  # fmt: skip
+    assert all(r.passed and r.tokens > 0 and r.max_abs_diff < 1e-4 for r in report.routes)
+    assert report.samples == 6 and report.tokens == sum(r.tokens for r in report.routes)
+    # More than a route holds: all of it (5 code, 8 math samples).
+    whole = verify_dataset(VerifyConfig(store=root / "store", dataset="ds", samples=100))
+    assert [r.samples for r in whole.routes] == [5, 8] and whole.passed
+    assert whole.tokens == Store(root / "store").open("ds").manifest.num_response_tokens
+
+
+def test_a_route_whose_log_probs_differ_fails_and_is_named(built, teachers, monkeypatch) -> None:
+    """The code route's stored log-probs no longer match its teacher: that route fails, the math route passes."""
+    root, *_ = built
+    cfg = VerifyConfig(store=root / "store", dataset="ds", samples=4)
+    real_load = type(cfg.backend).load
+
+    class Shifted:  # the code teacher, 0.5 nats off
+        def __init__(self, scorer):
+            self.scorer = scorer
+
+        def score(self, prompts, responses):
+            return [lp + 0.5 for lp in self.scorer.score(prompts, responses)]
+
+        def close(self):
+            self.scorer.close()
+
+    def load(self, teacher, job):
+        scorer = real_load(self, teacher, job)
+        return Shifted(scorer) if teacher == teachers["code"] else scorer
+
+    monkeypatch.setattr(type(cfg.backend), "load", load)
+    report = verify_dataset(cfg)
+    assert not report.passed and [(r.key, r.passed) for r in report.routes] == [("code", False), ("math", True)]
+    code_ids = Store(root / "store").open("ds").read_all(["sample_id"])["sample_id"].to_pylist()[:5]
+    assert report.worst_sample_id in code_ids and report.routes[0].worst_sample_id in code_ids
+    assert report.routes[0].max_abs_diff == pytest.approx(0.5, abs=1e-4) and report.routes[1].max_abs_diff < 1e-4
+
+    done = CliRunner().invoke(app, ["verify", str(root / "store"), "--dataset", "ds", "--samples", "4"])
+    assert done.exit_code == 1, done.output
+    lines = done.output.strip().splitlines()
+    assert lines[0].startswith("FAILED: ds v1, 8 samples") and len(lines) == 3
+    assert lines[1].startswith("  route 'code': FAILED, 4 samples") and f"teacher {teachers['code']};" in lines[1]
+    assert lines[2].startswith("  route 'math': PASSED, 4 samples")
+    out = json.loads(CliRunner().invoke(app, ["verify", str(root / "store"), "--dataset", "ds", "--json"]).output)
+    assert [(r["key"], r["passed"]) for r in out["routes"]] == [("code", False), ("math", True)]
+    assert out["teacher_key"] == "data_source" and out["passed"] is False
+
+
+def test_refusals_name_the_route_and_the_fix(built, teachers, tmp_path, tiny_llama_b_dir) -> None:
+    root, *_ = built
+    store = root / "store"
+    with pytest.raises(InvalidInput, match=r"has 2 routed teachers \(code, math\): leave out --teacher"):
+        verify_dataset(VerifyConfig(store=store, dataset="ds", teacher=teachers["math"]))
+    wrong = _map(tmp_path / "wrong.json", {"math": (tiny_llama_b_dir, tiny_llama_b_dir)})
+    wrong_fp = r"route 'math': the teacher at .* \(--teacher-map .*wrong.json\) has fingerprint sha256:\w+, not "
+    with pytest.raises(InvalidInput, match=wrong_fp + r"sha256:\w+, the model that scored it"):
+        verify_dataset(VerifyConfig(store=store, dataset="ds", teacher_map=wrong))
+    other = _map(tmp_path / "other.json", {"chem": (teachers["math"], teachers["math"])})
+    with pytest.raises(InvalidInput, match=r"routes 'chem', which this dataset has no route for \(its routes: 'code'"):
+        verify_dataset(VerifyConfig(store=store, dataset="ds", teacher_map=other))
+    with pytest.raises(ValidationError, match="give one"):
+        VerifyConfig(store=store, dataset="ds", teacher=teachers["math"], teacher_map=other)
+
+
+def test_a_moved_teacher_is_refused_until_the_map_names_it(tmp_path, teachers) -> None:
+    """The manifest records each route's teacher path; where one has moved, precompute's map (or one naming just
+    that route) supplies it, and nothing is scored before every route's teacher is found."""
+    code = shutil.copytree(teachers["code"], tmp_path / "code-teacher")
+    teacher_map = _map(tmp_path / "map.json", {"code": (code, code), "math": (teachers["math"], teachers["math"])})
+    run_precompute(_cfg(tmp_path, _rollouts(tmp_path / "r.jsonl", ["math", "code", "code", "math"]), teacher_map))
+    moved = code.rename(tmp_path / "moved")
+    cfg = VerifyConfig(store=tmp_path / "store", dataset="ds", samples=2)
+    moved_away = r"route 'code': the manifest records .*code-teacher, which is not a model directory here; give its"
+    with pytest.raises(InvalidInput, match=moved_away + " teacher in --teacher-map FILE"):
+        verify_dataset(cfg)
+    done = CliRunner().invoke(app, ["verify", str(tmp_path / "store"), "--dataset", "ds"])
+    assert done.exit_code == 2 and "error: route 'code': the manifest records" in done.output
+    only_code = _map(tmp_path / "code.json", {"code": (moved, moved)})
+    report = verify_dataset(cfg.model_copy(update={"teacher_map": only_code}))
+    assert report.passed and [(r.key, r.teacher) for r in report.routes] == [
+        ("code", str(moved)), ("math", str(teachers["math"]))
+    ]  # fmt: skip
+    assert np.isclose(report.max_abs_diff, max(r.max_abs_diff for r in report.routes))
+
+
+def test_stats_text_has_a_block_per_routed_teacher(built) -> None:
+    from lopd.storage.stats import RolloutVsTeacher
+
+    root, *_ = built
+    cov, con = coverage(root / "store", "ds"), consistency(root / "store", "ds")
+    lines = render_text(cov, con).splitlines()
+    start = lines.index("  per teacher       2 routed teachers (each on its own samples)")
+    code, math = con.per_teacher
+    assert lines[start + 1 : start + 7] == [
+        f"    'code': CONSISTENT, 5 samples, {code.tokens} tokens, teacher log-prob mean "
+        f"{code.mean_teacher_logprob:.4f}, p < 1e-4: {100 * code.share_below_log_1e_4:.2f}%",
+        f"      teacher           {code.teacher_fingerprint}",
+        f"      SFT-data teacher  {code.sft_teacher_fingerprint}",
+        f"    'math': CONSISTENT, 8 samples, {math.tokens} tokens, teacher log-prob mean "
+        f"{math.mean_teacher_logprob:.4f}, p < 1e-4: {100 * math.share_below_log_1e_4:.2f}%",
+        f"      teacher           {math.teacher_fingerprint}",
+        f"      SFT-data teacher  {math.sft_teacher_fingerprint}",
+    ]
+    assert lines[start + 7] == "  teacher log-prob histogram"  # the whole dataset's, as for one teacher
+    # One teacher (no per_teacher): the same text less that block.
+    single = render_text(cov, con.model_copy(update={"per_teacher": []})).splitlines()
+    assert single == lines[:start] + lines[start + 7 :]
+    # A route with rollout log-probs adds its KL estimate.
+    rvt = RolloutVsTeacher(tokens=7, mean_rollout_logprob=-1.0, mean_teacher_logprob=-1.25,
+                           kl_rollout_teacher_estimate=0.25)  # fmt: skip
+    with_kl = con.model_copy(update={"per_teacher": [code.model_copy(update={"rollout_vs_teacher": rvt}), math]})
+    assert "      KL(rollout || teacher) estimate 0.2500 nats/token (7 tokens)" in render_text(cov, with_kl)

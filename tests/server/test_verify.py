@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lopd.cli import app
+from lopd.errors import InvalidInput
 from lopd.server.precompute import PrecomputeConfig, run_precompute
 from lopd.server.verify import VerifyConfig, verify_dataset
 from lopd.storage.reader import Store
@@ -89,3 +91,27 @@ def test_identical_log_probs_name_no_worst_sample(scored_store, tiny_llama_dir, 
 def test_a_differing_sample_is_named(scored_store, tiny_llama_b_dir):
     other = verify_dataset(VerifyConfig(store=scored_store, dataset="t1", teacher=tiny_llama_b_dir, samples=10))
     assert other.worst_sample_id is not None and other.summary().endswith(f"worst sample {other.worst_sample_id})")
+
+
+def test_the_teacher_defaults_to_the_one_the_manifest_records(scored_store, tiny_llama_dir):
+    report = verify_dataset(VerifyConfig(store=scored_store, dataset="t1", samples=5))
+    assert report.passed and report.fingerprint_matches and report.max_abs_diff < 1e-4
+    assert set(report.to_json()) == {
+        "dataset", "version", "samples", "tokens", "max_abs_diff", "mean_abs_diff", "worst_sample_id", "tolerance",
+        "teacher_fingerprint", "manifest_teacher_fingerprint", "fingerprint_matches", "passed",
+    }  # fmt: skip  (one teacher: the report keeps its form, no routes)
+    assert "\n" not in report.summary()
+    with pytest.raises(InvalidInput, match="has one teacher: --teacher-map is for multi-teacher datasets"):
+        verify_dataset(VerifyConfig(store=scored_store, dataset="t1", teacher_map=scored_store / "map.json"))
+
+
+def test_a_recorded_teacher_that_moved_or_changed_is_refused(tmp_path, tiny_llama_dir, tiny_llama_b_dir):
+    teacher = shutil.copytree(tiny_llama_dir, tmp_path / "teacher")
+    cfg = dict(rollouts=[write_rollouts(tmp_path / "r.jsonl", 4, seed=3)], teacher=teacher, sft_teacher=str(teacher))
+    run_precompute(PrecomputeConfig(store=tmp_path / "store", dataset="d", progress=False, **cfg))
+    shutil.copy(tiny_llama_b_dir / "model.safetensors", teacher / "model.safetensors")  # other weights, same path
+    with pytest.raises(InvalidInput, match=r"the teacher at .*teacher \(the manifest records it\) has fingerprint"):
+        verify_dataset(VerifyConfig(store=tmp_path / "store", dataset="d"))
+    shutil.rmtree(teacher)
+    with pytest.raises(InvalidInput, match=r"which is not a model directory here; give the teacher with --teacher DIR"):
+        verify_dataset(VerifyConfig(store=tmp_path / "store", dataset="d"))
