@@ -149,6 +149,13 @@ class PrecomputeConfig(LopdSettings):
             raise ValueError(
                 "--teacher-map names every teacher and SFT-data teacher: leave out --teacher and --sft-teacher"
             )
+        if self.teacher_map is not None and self.backend.uses_server:
+            # One --teacher-url serves one model: every route would be scored by it, whatever the map says.
+            raise ValueError(
+                f"--teacher-map with --backend {self.backend.name}: a server backend has one --teacher-url, so every "
+                "route would be scored by the same served model. Use an in-process backend (transformers, vllm), or "
+                "run one precompute per route into separate datasets"
+            )
         if self.top_k and not self.backend.supports_top_k:
             raise ValueError(
                 f"--top-k: the {self.backend.name} backend does not store the teacher's top-k yet; use --backend "

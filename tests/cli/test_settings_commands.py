@@ -87,7 +87,8 @@ def test_missing_and_invalid_settings_name_the_flag(app) -> None:
     runner = CliRunner()
     missing = runner.invoke(cli, ["r.jsonl", "--teacher", "t"])
     assert missing.exit_code == 2
-    assert "--sft-teacher is required" in missing.output and "--store is required" in missing.output
+    assert "--teacher and --sft-teacher are required (or --teacher-map FILE" in missing.output
+    assert "--store is required" in missing.output
     bad = runner.invoke(cli, [*REQUIRED, "--worker-index", "3", "--num-workers", "2"])
     assert bad.exit_code == 2 and "--worker-index must be in 0..1 (got 3)" in bad.output
     bad_name = runner.invoke(cli, [*REQUIRED[:-1], "../escape"])

@@ -163,6 +163,9 @@ def test_settings_refusals(tmp_path, teachers, tiny_llama_dir) -> None:
         _cfg(tmp_path, tmp_path, teacher_map, teacher=tiny_llama_dir, sft_teacher=str(tiny_llama_dir))
     with pytest.raises(ValidationError, match="--teacher and --sft-teacher are required .or --teacher-map"):
         PrecomputeConfig(rollouts=[tmp_path], store=tmp_path / "s", dataset="d")
+    # A server backend has one --teacher-url: it would score every route with the same model, silently.
+    with pytest.raises(ValidationError, match="every route would be scored by the same served model"):
+        _cfg(tmp_path, tmp_path, teacher_map, backend={"name": "openai", "teacher_url": "http://127.0.0.1:1"})
     (tmp_path / "bad.json").write_text('{"math": {"teacher": "/x"}}')
     with pytest.raises(InvalidInput, match="the entry for 'math' needs a teacher and an sft_teacher .sft_teacher"):
         run_precompute(_cfg(tmp_path, _rollouts(tmp_path / "r.jsonl"), tmp_path / "bad.json"))
