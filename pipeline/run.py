@@ -409,6 +409,7 @@ def run_pipeline(
     run_dir.mkdir(parents=True, exist_ok=True)
     echo(f"[1/8] task: {cfg.digits}-digit addition, {cfg.train_problems} training prompts, {cfg.test_problems} "
          f"{cfg.split} problems")  # fmt: skip
+    arms = [a for a in arms if a.method in cfg.arms]
     names: list[TeacherName] = list(dict.fromkeys([*(a.student for a in arms), *(a.teacher for a in arms)]))
     teacher_paths, infos = prepare_teachers(cfg, run_dir, names, echo)
     live: dict[TeacherName, Any] = {name: TransformersTeacher(path) for name, path in teacher_paths.items()}

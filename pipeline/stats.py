@@ -83,9 +83,7 @@ def equivalence(diffs: Sequence[float], margin: float, unit: str, alpha: float) 
     return TestResult("equivalence", unit, len(diffs), mean, mean - half, mean + half, t, df, p, holds=p < alpha)
 
 
-def accuracy_differences(
-    a: Sequence[str], b: Sequence[str], seeds: Sequence[int]
-) -> tuple[list[float], str]:
+def accuracy_differences(a: Sequence[str], b: Sequence[str], seeds: Sequence[int]) -> tuple[list[float], str]:
     """Paired accuracy differences and their unit, from per-problem correctness strings ("0101...") per seed.
 
     With at least `MIN_SEEDS` seeds: one difference per seed. Otherwise per problem of the first seed.

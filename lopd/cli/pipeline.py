@@ -179,9 +179,10 @@ def tune_command(
     lrs: Annotated[str, typer.Option(help="Comma-separated OPD learning rates to try.")] = "1e-5,2e-5,5e-5",
     preset: Annotated[str, typer.Option(help="The preset whose other settings are used.")] = "default",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    tis_cap: Annotated[float | None, typer.Option(help="Truncated importance weight cap of Lightning OPD.")] = None,
 ) -> None:
-    """Choose the OPD learning rate on the validation split (never the test split): both Lightning OPD (the
-    paper's algorithm) and online OPD must be stable; writes tuning.json and tuning.md."""
+    """Choose the OPD learning rate (and TIS) on the validation split (never the test split): both Lightning OPD (the
+    paper's algorithm) and online OPD must be stable; adds to tuning.json and tuning.md."""
     from lopd.pipeline.config import PipelineConfig
     from lopd.pipeline.tune import tune
 
@@ -192,7 +193,7 @@ def tune_command(
         raise typer.BadParameter(f"--lrs and --seeds take comma-separated numbers, got {lrs!r}, {seeds!r}") from None
     if preset not in ("fast", "default", "full"):
         raise typer.BadParameter(f"--preset must be fast, default or full, got {preset!r}")
-    cfg = PipelineConfig.preset_config(preset, seed_list)  # type: ignore[arg-type]
+    cfg = PipelineConfig.preset_config(preset, seed_list).model_copy(update={"tis_cap": tis_cap})  # type: ignore[arg-type]
     typer.echo(tune(cfg, values, run_dir, echo=typer.echo))
 
 

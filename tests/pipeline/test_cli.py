@@ -48,7 +48,7 @@ def test_stages_chain_through_files_into_precompute(tmp_path: Path):
               "--max-new-tokens", "12")  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
     assert set(result) == {"accuracy", "reverse_kl", "kl_to_sft", "sampled_accuracy"} and 0 <= result["accuracy"] <= 1
-    assert result["kl_to_sft"] == 0.0  # the model against itself
+    assert abs(result["kl_to_sft"]) < 1e-5  # the model against itself (sampling and scoring round differently)
 
 
 def test_train_teacher_rejects_an_unknown_style(tmp_path: Path):

@@ -50,7 +50,8 @@ def _seed(seed: int, sft: float, acc: dict[str, float], cpu: dict[str, float] | 
                               train_seconds=1.0, train_cpu_seconds=(cpu or {}).get(method, 10.0),
                               teacher_forward_tokens=5000 if method.startswith("online") else 0))  # fmt: skip
     return SeedRun(seed=seed, rollouts=100, rollout_seconds=1.0, rollout_cpu_seconds=2.0, precompute_seconds=1.0,
-                   precompute_cpu_seconds=2.0, precompute_teacher_tokens=1000, refused="refusing", runs=runs)  # fmt: skip
+                   precompute_cpu_seconds=2.0, precompute_teacher_tokens=1000, refused="refusing",
+                   runs=runs)  # fmt: skip
 
 
 def _report(seeds: list[SeedRun]) -> PipelineReport:
@@ -89,7 +90,7 @@ def test_claims_fail_when_the_evidence_is_missing_or_reversed():
     assert not held["accuracy, Lightning OPD - online OPD (teacher A, equal steps)"]
     assert not any(v for k, v in held.items() if "with B" in k)  # no gap to the inconsistent teacher
     assert not held["accuracy, control (SFT on B, Lightning OPD with B) - Lightning OPD with A"]
-    assert not held["CPU time, end to end (rollout sampling + scoring + training) vs online OPD's training, equal steps and samples seen"]  # noqa: E501
+    assert not next(v for k, v in held.items() if k.startswith("CPU time, end to end"))
 
 
 def test_with_one_seed_accuracy_is_tested_over_problems_and_says_so():

@@ -17,5 +17,8 @@ def test_the_best_rate_where_both_arms_are_stable_is_chosen():
         # the best online accuracy, but Lightning OPD collapses here: not eligible
         _row(1e-4, "lightning_opd", 0.05, 2.0, False), _row(1e-4, "online_opd", 0.70, 0.2, True),
     ]  # fmt: skip
-    assert choose(rows) == 3e-5
+    assert choose(rows) == (3e-5, None)
     assert choose([r for r in rows if r.lr == 1e-4]) is None
+    # With TIS, the collapsing rate is stable and better: chosen, TIS cap included.
+    tis = [r.model_copy(update={"tis_cap": 2.0, "stable": True, "final_accuracy": 0.7}) for r in rows if r.lr == 1e-4]
+    assert choose(rows + tis) == (1e-4, 2.0)
