@@ -145,6 +145,11 @@ class _Compared:
     diffs: list[np.ndarray]
     ids: list[str]
 
+    def summary(self) -> dict[str, Any]:
+        """The figures a report carries (`VerifyReport`, `RouteReport`)."""
+        return {"samples": self.samples, "tokens": self.tokens, "max_abs_diff": self.max_abs_diff,
+                "mean_abs_diff": self.mean_abs_diff, "worst_sample_id": self.worst_sample_id}  # fmt: skip
+
 
 def _compare(diffs: list[np.ndarray], ids: list[str]) -> _Compared:
     if not diffs:
@@ -253,11 +258,7 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
     return VerifyReport(
         dataset=ds.name,
         version=ds.version,
-        samples=got.samples,
-        tokens=got.tokens,
-        max_abs_diff=got.max_abs_diff,
-        mean_abs_diff=got.mean_abs_diff,
-        worst_sample_id=got.worst_sample_id,
+        **got.summary(),
         tolerance=cfg.tolerance,
         teacher_fingerprint=model_fingerprint(teacher),
         manifest_teacher_fingerprint=prov.teacher.fingerprint,
@@ -286,11 +287,7 @@ def _verify_routes(cfg: VerifyConfig, ds: Dataset, rng: np.random.Generator) -> 
                 key=route.key,
                 teacher=None if teacher is None else str(teacher),
                 teacher_fingerprint=route.teacher.fingerprint,
-                samples=got.samples,
-                tokens=got.tokens,
-                max_abs_diff=got.max_abs_diff,
-                mean_abs_diff=got.mean_abs_diff,
-                worst_sample_id=got.worst_sample_id,
+                **got.summary(),
                 tolerance=cfg.tolerance,
             )
         )
@@ -298,11 +295,7 @@ def _verify_routes(cfg: VerifyConfig, ds: Dataset, rng: np.random.Generator) -> 
     return VerifyReport(
         dataset=ds.name,
         version=ds.version,
-        samples=total.samples,
-        tokens=total.tokens,
-        max_abs_diff=total.max_abs_diff,
-        mean_abs_diff=total.mean_abs_diff,
-        worst_sample_id=total.worst_sample_id,
+        **total.summary(),
         tolerance=cfg.tolerance,
         # Each route's teacher has its recorded fingerprint (refused otherwise): the routes' digest is the manifest's.
         teacher_fingerprint=prov.teacher.fingerprint,

@@ -187,15 +187,18 @@ class HTTPTeacher:
         """Check the server is up and serves a generative model; say what it reports about itself."""
         raise NotImplementedError
 
-    def _score_record(self, i: int | None, prompt: list[int], response: list[int], temperature: float) -> np.ndarray:
-        """One record's response log-probs (float32) at `temperature`; `i` is None for the load probe."""
+    def _request(self, i: int | None, prompt: list[int], response: list[int], temperature: float, k: int) -> TopKScores:
+        """One record's response log-probs (float32) at `temperature`, with the top `k` at each position (none for
+        k = 0) ordered as `base.order_topk`; `i` is None for the load probe. Each server's own request."""
         raise NotImplementedError
+
+    def _score_record(self, i: int | None, prompt: list[int], response: list[int], temperature: float) -> np.ndarray:
+        return self._request(i, prompt, response, temperature, 0).logprobs
 
     def _score_record_topk(
         self, i: int | None, prompt: list[int], response: list[int], temperature: float
     ) -> TopKScores:
-        """`_score_record` plus the job's top K at each response position, ordered as `base.order_topk`."""
-        raise NotImplementedError
+        return self._request(i, prompt, response, temperature, self.top_k)
 
     # ------------------------------------------------------------------ scoring
 

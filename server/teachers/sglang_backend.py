@@ -191,14 +191,6 @@ class SGLangTeacher(HTTPTeacher):
             max_context=context if isinstance(context, int) and context > 0 else None,
         )
 
-    def _score_record(self, i: int | None, prompt: list[int], response: list[int], temperature: float) -> np.ndarray:
-        return self._request(i, prompt, response, temperature, 0).logprobs
-
-    def _score_record_topk(
-        self, i: int | None, prompt: list[int], response: list[int], temperature: float
-    ) -> TopKScores:
-        return self._request(i, prompt, response, temperature, self.top_k)
-
     def _request(self, i: int | None, prompt: list[int], response: list[int], temperature: float, k: int) -> TopKScores:
         what = self.label(i)
         body: dict[str, Any] = {
