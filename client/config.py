@@ -90,15 +90,17 @@ class TrainConfig(LopdSettings):
     prefetch: int = Field(4, ge=0, description="Batches fetched ahead of the trainer.")
     clip_eps_low: float = Field(0.2, ge=0, description="PPO ratio clipping epsilon below 1.")
     clip_eps_high: float = Field(0.2, ge=0, description="PPO ratio clipping epsilon above 1.")
+    # Truncated importance weights min(p_current / p_rollout, cap) over the stored rollout log-probs (the paper's
+    # option; with --ratio-reference rollout they are 1). Rows without rollout log-probs get weight 1.
     tis_cap: float | None = Field(
-        None, gt=0, description="Truncated importance weight cap over rollout log-probs (off by default)."
+        None, ge=0, description="Truncated importance weight cap over the stored rollout log-probs (0 or unset: off)."
     )
-    # "rollout": the stored rollout log-probs are the PPO old log-probs, a trust region around the
-    # policy that sampled the data, which many passes over the same rollouts need (rows without
-    # rollout log-probs get ratio 1; a dataset with none is announced at start). "current": the
-    # policy before this step, ratio 1, the plain policy gradient.
+    # "rollout" (the default): the stored rollout log-probs are the PPO old log-probs, a trust region around the
+    # policy that sampled the data. "current": ratio 1, the paper's algorithm. The default follows what `lopd demo`
+    # measured (README, "What lopd demo shows"): the paper's update, even with TIS, collapsed on some seeds where
+    # the trust region was stable and best (docs/results/). Rows without rollout log-probs get ratio 1.
     ratio_reference: Literal["rollout", "current"] = Field(
-        "rollout", description="PPO ratio against the rollout policy (stored log-probs) or the current policy."
+        "rollout", description="PPO ratio against the rollout policy (stored log-probs) or the current policy (ratio 1)."
     )
     normalize: Literal["token", "sequence"] = Field("token", description="Loss mean over tokens or over sequences.")
     # lightning-opd needs only the sampled token's teacher log-prob; the others read the teacher's stored
@@ -124,7 +126,7 @@ class TrainConfig(LopdSettings):
             raise ValueError("name at least one module (e.g. q_proj,v_proj), or use all-linear")
         return ",".join(names)
 
-    @field_validator("max_grad_norm")
+    @field_validator("max_grad_norm", "tis_cap")
     @classmethod
     def _zero_is_off(cls, value: float | None) -> float | None:
         return value or None

@@ -109,9 +109,17 @@ def _check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
 
 
 def _warn_if_no_trust_region(cfg: TrainConfig, info: DatasetInfo) -> None:
-    """Say it, once and before training, when `--ratio-reference rollout` has nothing to refer to."""
+    """Say it, once and before training, when `--ratio-reference rollout` or `--tis-cap` has nothing to refer to."""
     source = (info.raw.get("provenance") or {}).get("rollout_logprobs_source")
-    if cfg.ratio_reference != "rollout" or source != "none":
+    if source != "none":
+        return
+    if cfg.ratio_reference == "current":
+        if cfg.tis_cap:
+            log.warning(
+                "dataset %s v%s stores no rollout log-probs, so --tis-cap %s has nothing to weigh with: every "
+                "token gets weight 1. Store them (lopd precompute ... --rollout-policy DIR) for the importance weights",
+                info.name, info.version, cfg.tis_cap,
+            )  # fmt: skip
         return
     log.warning(
         "dataset %s v%s stores no rollout log-probs, so --ratio-reference rollout falls back to ratio 1: the plain "

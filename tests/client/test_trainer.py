@@ -166,9 +166,13 @@ def test_ratio_reference_rollout_weighs_by_the_rollout_policy(served, tiny_qwen2
     # the rollout policy as reference the ratio exp(student - rollout) is far from 1 and the loss differs.
     current = run_training(
         served,
-        train_config(served, tiny_qwen2_dir, tmp_path / "current", steps=1, grad_accum=1, ratio_reference="current"),
-    )
-    assert TrainConfig(url="u", dataset="d", student=tmp_path, out=tmp_path).ratio_reference == "rollout"
+        train_config(served, tiny_qwen2_dir, tmp_path / "current", steps=1, grad_accum=1, ratio_reference="current",
+                     tis_cap=0),
+    )  # fmt: skip
+    # The default is the trust region, as lopd demo's evidence says (README); --tis-cap 0 means off.
+    default = TrainConfig(url="u", dataset="d", student=tmp_path, out=tmp_path)
+    assert (default.ratio_reference, default.tis_cap) == ("rollout", None)
+    assert TrainConfig(url="u", dataset="d", student=tmp_path, out=tmp_path, tis_cap=0).tis_cap is None
     rollout = run_training(
         served,
         train_config(served, tiny_qwen2_dir, tmp_path / "rollout", steps=1, grad_accum=1, ratio_reference="rollout"),
@@ -235,7 +239,8 @@ def test_rollout_reference_without_rollout_logprobs_warns_once_at_start(
     handler = Record()
     logger.addHandler(handler)
     try:
-        cfg = train_config(no_rollout_logprobs, tiny_qwen2_dir, tmp_path / "plain", steps=3, log_every=1)
+        cfg = train_config(no_rollout_logprobs, tiny_qwen2_dir, tmp_path / "plain", steps=3, log_every=1,
+                           ratio_reference="rollout", tis_cap=0)  # fmt: skip
         run_training(no_rollout_logprobs, cfg, events)
         said = [i for i, e in enumerate(events) if e.startswith("warning: ") and "--rollout-policy" in e]
         assert len(said) == 1  # exactly once, for a run of several steps...
@@ -247,10 +252,17 @@ def test_rollout_reference_without_rollout_logprobs_warns_once_at_start(
         assert all(float(r["clip_frac"]) == 0.0 for r in rows)  # what it warns of: no clipping can happen
         assert float(rows[0]["loss"]) == pytest.approx(-float(rows[0]["mean_advantage"]), abs=1e-5)
 
+        # Ratio 1 with TIS on such a dataset: the importance weights have nothing to weigh with.
+        events.clear()
+        run_training(no_rollout_logprobs, train_config(no_rollout_logprobs, tiny_qwen2_dir, tmp_path / "tis",
+                                                       steps=1, ratio_reference="current", tis_cap=2.0), events)  # fmt: skip
+        [tis] = [e for e in events if e.startswith("warning: ")]
+        assert "--tis-cap 2.0 has nothing to weigh with" in tis and "--rollout-policy DIR" in tis
+
         # Not said when there is nothing to fall back from: the plain gradient asked for, or rollout log-probs stored.
         events.clear()
         run_training(no_rollout_logprobs, train_config(no_rollout_logprobs, tiny_qwen2_dir, tmp_path / "current",
-                                                       steps=1, ratio_reference="current"), events)  # fmt: skip
+                                                       steps=1, ratio_reference="current", tis_cap=0), events)  # fmt: skip
         run_training(served, train_config(served, tiny_qwen2_dir, tmp_path / "mixed", steps=1), events)
         assert not [e for e in events if e.startswith("warning: ")]
     finally:
