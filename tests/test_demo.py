@@ -74,4 +74,5 @@ def test_demo_fast_runs_every_arm_end_to_end(tmp_path):
         steps = cfg.opd_steps * (cfg.inconsistent_steps_factor if arm.inconsistent else 1)
         assert [int(r["step"]) for r in rows] == list(range(1, steps + 1)) and all(int(r["tokens"]) > 0 for r in rows)
     sft = json.loads((run / "seed-3" / "student-sft-A" / "sft_provenance.json").read_text())
-    assert sft["teacher_fingerprint"] == store.open(dataset_name(3, "A", "A")).manifest.provenance.sft_teacher_fingerprint
+    consistent = store.open(dataset_name(3, "A", "A")).manifest
+    assert sft["teacher_fingerprint"] == consistent.provenance.sft_teacher_fingerprint

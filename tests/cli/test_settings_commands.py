@@ -86,9 +86,9 @@ def test_missing_and_invalid_settings_name_the_flag(app) -> None:
     cli, _ = app
     runner = CliRunner()
     missing = runner.invoke(cli, ["r.jsonl", "--teacher", "t"])
-    assert missing.exit_code == 2
-    assert "--teacher and --sft-teacher are required (or --teacher-map FILE" in missing.output
-    assert "--store is required" in missing.output
+    assert missing.exit_code == 2 and "--store is required; --dataset is required" in missing.output
+    no_sft = runner.invoke(cli, ["r.jsonl", "--teacher", "t", "--store", "s", "--dataset", "d"])
+    assert no_sft.exit_code == 2 and "--teacher and --sft-teacher are required (or --teacher-map FILE" in no_sft.output
     bad = runner.invoke(cli, [*REQUIRED, "--worker-index", "3", "--num-workers", "2"])
     assert bad.exit_code == 2 and "--worker-index must be in 0..1 (got 3)" in bad.output
     bad_name = runner.invoke(cli, [*REQUIRED[:-1], "../escape"])
