@@ -91,13 +91,9 @@ def publish(staging: Staging, plan: RunPlan) -> Manifest:
     if isinstance(store, ObjectPath):
         return _publish_objects(staging, plan)
     with dataset_lock(store, dataset):
-        existing = find_published_run(store, dataset, plan.run_key)
+        existing = _published_or_complete(staging, plan)
         if existing is not None:
-            _remove_staging(staging)
             return existing
-        missing = missing_parts(staging, plan)
-        if missing:
-            raise Corrupt(f"cannot publish {dataset!r}: parts {missing[:10]} of {len(plan.parts)} are missing")
         versions = published_versions(store, dataset)
         version = (versions[-1] + 1) if versions else 1
         ddir = layout.dataset_dir(store, dataset)
@@ -142,6 +138,18 @@ def _version_manifest(staging: Staging, plan: RunPlan, version: int, dest: Store
     )
 
 
+def _published_or_complete(staging: Staging, plan: RunPlan) -> Manifest | None:
+    """The run's manifest if it is already published (its staging removed); else None, once every part is there."""
+    existing = find_published_run(staging.store, staging.dataset, plan.run_key)
+    if existing is not None:
+        _remove_staging(staging)
+        return existing
+    missing = missing_parts(staging, plan)
+    if missing:
+        raise Corrupt(f"cannot publish {staging.dataset!r}: parts {missing[:10]} of {len(plan.parts)} are missing")
+    return None
+
+
 def _publish_objects(staging: Staging, plan: RunPlan) -> Manifest:
     """`publish` on object storage: claim a version number, copy the parts, write the manifest if absent.
 
@@ -150,13 +158,9 @@ def _publish_objects(staging: Staging, plan: RunPlan) -> Manifest:
     others return it. Another run racing for the same dataset takes the next number.
     """
     store, dataset = staging.store, staging.dataset
-    existing = find_published_run(store, dataset, plan.run_key)
+    existing = _published_or_complete(staging, plan)
     if existing is not None:
-        _remove_staging(staging)
         return existing
-    missing = missing_parts(staging, plan)
-    if missing:
-        raise Corrupt(f"cannot publish {dataset!r}: parts {missing[:10]} of {len(plan.parts)} are missing")
     version = _claim_version(store, dataset, plan.run_key)
     vdir = layout.version_dir(store, dataset, version)
     try:
