@@ -90,8 +90,10 @@ def test_replicas_over_one_bucket(s3_store: StoreDir) -> None:
         (layout.version_dir(s3_store, "math", 1) / layout.part_name(3)).unlink()
         fresh = _serve(s3_store)
         replicas.append(fresh)
-        problems = _wait(fresh[1], fresh[0], status=503).json()
-        text = str(problems)
+        deadline = time.monotonic() + 60
+        while "still being verified" in (text := str(_wait(fresh[1], fresh[0], status=503).json())):
+            assert time.monotonic() < deadline, text  # a missing object is found at once, checksums after
+            time.sleep(0.2)
         assert "part-000001.parquet" in text and "part-000003.parquet" in text, text
         for version in (1, 2):
             r = httpx.post(f"{fresh[1]}/v1/datasets/math/batch?version={version}", json={"indices": [0]})
