@@ -1,5 +1,6 @@
 # lightning-opd images. Two targets:
-#   store  `lopd serve` only: no torch, non-root, for a read-only root file system, healthcheck on /readyz
+#   store  `lopd serve` only (local or s3:// stores): no torch, non-root, for a read-only root file system,
+#          healthcheck on /readyz
 #   full   everything else too: precompute (transformers; CPU torch by default), training, stats, the server
 #
 #   docker build --target store -t lightning-opd-store .
@@ -22,7 +23,7 @@ FROM python AS deps-store
 COPY pyproject.toml deploy/requirements.py /tmp/lopd-build/
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/venv \
- && python3 /tmp/lopd-build/requirements.py /tmp/lopd-build/pyproject.toml server > /tmp/lopd-build/requirements.txt \
+ && python3 /tmp/lopd-build/requirements.py /tmp/lopd-build/pyproject.toml server s3 > /tmp/lopd-build/requirements.txt \
  && pip install -r /tmp/lopd-build/requirements.txt \
  && rm -rf /tmp/lopd-build
 
@@ -34,7 +35,7 @@ COPY pyproject.toml deploy/requirements.py /tmp/lopd-build/
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/venv \
  && pip install --index-url "$TORCH_INDEX" "torch==$TORCH_VERSION" \
- && python3 /tmp/lopd-build/requirements.py /tmp/lopd-build/pyproject.toml server teacher train \
+ && python3 /tmp/lopd-build/requirements.py /tmp/lopd-build/pyproject.toml server teacher train s3 \
       > /tmp/lopd-build/requirements.txt \
  && pip install -r /tmp/lopd-build/requirements.txt \
  && rm -rf /tmp/lopd-build

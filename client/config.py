@@ -100,7 +100,8 @@ class TrainConfig(LopdSettings):
     # measured (README, "What lopd demo shows"): the paper's update, even with TIS, collapsed on some seeds where
     # the trust region was stable and best (docs/results/). Rows without rollout log-probs get ratio 1.
     ratio_reference: Literal["rollout", "current"] = Field(
-        "rollout", description="PPO ratio against the rollout policy (stored log-probs) or the current policy (ratio 1)."
+        "rollout",
+        description="PPO ratio against the rollout policy (stored log-probs) or the current policy (ratio 1).",
     )
     normalize: Literal["token", "sequence"] = Field("token", description="Loss mean over tokens or over sequences.")
     # lightning-opd needs only the sampled token's teacher log-prob; the others read the teacher's stored

@@ -103,7 +103,6 @@ class DatasetInfo:
             raw=data,
         )
 
-
     @property
     def routes(self) -> list[dict[str, Any]]:
         """A multi-teacher dataset's routes (`provenance.routes` of its manifest: key, teacher, consistency,

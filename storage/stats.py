@@ -311,7 +311,10 @@ def _teacher_stats(con: duckdb.DuckDBPyConnection, m: Manifest, files: list[str]
                 "WHERE file_row_number >= ? AND file_row_number < ?"
             )
             params += [path, lo - f.first_index, hi - f.first_index]
-    rows = " UNION ALL ".join(selects) or "SELECT NULL::FLOAT[] AS teacher_logprobs, NULL::FLOAT[] AS rollout_logprobs LIMIT 0"
+    rows = (
+        " UNION ALL ".join(selects)
+        or "SELECT NULL::FLOAT[] AS teacher_logprobs, NULL::FLOAT[] AS rollout_logprobs LIMIT 0"
+    )
     n, tokens, total, rn, sr, st = con.execute(
         "SELECT count(*), sum(len(teacher_logprobs)), sum(list_sum(teacher_logprobs)), "
         "sum(len(rollout_logprobs)), sum(list_sum(rollout_logprobs)), "

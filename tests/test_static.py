@@ -1,4 +1,4 @@
-"""Static checks that run with the tests: mypy over the whole package, and the import contracts
+"""Static checks that run with the tests: mypy over the whole package, ruff over the tree, and the import contracts
 (the layers of docs/architecture.md, declared in pyproject.toml). A crossed layer fails CI."""
 
 from __future__ import annotations
@@ -35,4 +35,12 @@ def test_import_contracts_hold(tree: Path) -> None:
         [str(BIN / "lint-imports"), str(ROOT / "pyproject.toml"), "--no-cache"],
         cwd=tree, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(tree), "PATH": str(BIN)},
     )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("check", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_is_clean(check: list[str]) -> None:
+    """pyproject.toml's ruff rules over the tree; fix: `.venv/bin/ruff check --fix . && .venv/bin/ruff format .`."""
+    out = subprocess.run([str(BIN / "ruff"), *check, "--no-cache", "."], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-2000:]

@@ -211,9 +211,7 @@ class HTTPTeacher:
         if self.http is None:
             raise RuntimeError("this teacher has been closed")
         records = [self._validate(i, p, r) for i, (p, r) in enumerate(zip(prompts, responses))]
-        return self.http.map_ordered(
-            len(records), lambda i: self._score_record_topk(i, *records[i], self.temperature)
-        )
+        return self.http.map_ordered(len(records), lambda i: self._score_record_topk(i, *records[i], self.temperature))
 
     def score(self, prompts: Sequence[TokenIds], responses: Sequence[TokenIds]) -> list[np.ndarray]:
         """`log_softmax(teacher(prompt + response[:j]) / T)[response[j]]` per response token, in input order."""

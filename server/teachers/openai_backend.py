@@ -82,7 +82,9 @@ def response_topk(
             cand = [(int(t), v.get("logprob") if isinstance(v, dict) else v) for t, v in entry.items()]
             ranks = {int(t): v.get("rank") if isinstance(v, dict) else None for t, v in entry.items()}
         except (AttributeError, TypeError, ValueError) as e:
-            raise TeacherServerError(f"{what}: position {n_prompt + j} is not a map of token ids ({e})", record=record)
+            raise TeacherServerError(
+                f"{what}: position {n_prompt + j} is not a map of token ids ({e})", record=record
+            ) from e
         values = finite_float32([v for _, v in cand], what=what, record=record)
         picked = best_k([t for t, _ in cand], values.tolist(), k)
         if picked is None or any(isinstance(r, int) and r > k for r in (ranks[int(t)] for t in picked[0])):
@@ -187,5 +189,7 @@ class OpenAITeacher(HTTPTeacher):
         echoed = choice.get("prompt_token_ids") if isinstance(choice, dict) else None
         logprobs = response_logprobs(entries, ids, len(prompt), what=what, record=i, echoed=echoed)
         if not k:
-            return TopKScores(logprobs, np.empty((len(response), 0), np.int32), np.empty((len(response), 0), np.float32))
+            return TopKScores(
+                logprobs, np.empty((len(response), 0), np.int32), np.empty((len(response), 0), np.float32)
+            )
         return TopKScores(logprobs, *response_topk(entries, len(prompt), len(response), k, what=what, record=i))

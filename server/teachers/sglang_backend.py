@@ -215,5 +215,7 @@ class SGLangTeacher(HTTPTeacher):
             ) from e
         logprobs = response_logprobs(entries, prompt, response, what=what, record=i)
         if not k:
-            return TopKScores(logprobs, np.empty((len(response), 0), np.int32), np.empty((len(response), 0), np.float32))
+            return TopKScores(
+                logprobs, np.empty((len(response), 0), np.int32), np.empty((len(response), 0), np.float32)
+            )
         return TopKScores(logprobs, *response_topk(top, prompt, response, k, what=what, record=i))

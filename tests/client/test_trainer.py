@@ -254,15 +254,19 @@ def test_rollout_reference_without_rollout_logprobs_warns_once_at_start(
 
         # Ratio 1 with TIS on such a dataset: the importance weights have nothing to weigh with.
         events.clear()
-        run_training(no_rollout_logprobs, train_config(no_rollout_logprobs, tiny_qwen2_dir, tmp_path / "tis",
-                                                       steps=1, ratio_reference="current", tis_cap=2.0), events)  # fmt: skip
+        tis_config = train_config(
+            no_rollout_logprobs, tiny_qwen2_dir, tmp_path / "tis", steps=1, ratio_reference="current", tis_cap=2.0
+        )
+        run_training(no_rollout_logprobs, tis_config, events)
         [tis] = [e for e in events if e.startswith("warning: ")]
         assert "--tis-cap 2.0 has nothing to weigh with" in tis and "--rollout-policy DIR" in tis
 
         # Not said when there is nothing to fall back from: the plain gradient asked for, or rollout log-probs stored.
         events.clear()
-        run_training(no_rollout_logprobs, train_config(no_rollout_logprobs, tiny_qwen2_dir, tmp_path / "current",
-                                                       steps=1, ratio_reference="current", tis_cap=0), events)  # fmt: skip
+        plain_config = train_config(
+            no_rollout_logprobs, tiny_qwen2_dir, tmp_path / "current", steps=1, ratio_reference="current", tis_cap=0
+        )
+        run_training(no_rollout_logprobs, plain_config, events)
         run_training(served, train_config(served, tiny_qwen2_dir, tmp_path / "mixed", steps=1), events)
         assert not [e for e in events if e.startswith("warning: ")]
     finally:

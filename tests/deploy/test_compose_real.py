@@ -33,13 +33,17 @@ import pytest
 import yaml
 
 from lopd.client.http import StoreClient
+from lopd.storage import layout
 from lopd.storage.reader import Store
 from tests.server.test_precompute import write_rollouts
+from tests.utils.s3 import aws_env
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+S3_COMPOSE_FILE = ROOT / "docker-compose.s3.yml"  # the same images, over SeaweedFS
+S3_STORE_URL = "s3://lopd/store"  # the file's STORE_URL default (its bucket is the one SeaweedFS creates)
 STORE_IMAGE = "lightning-opd-store:latest"
 FULL_IMAGE = "lightning-opd:latest"
 COMPOSE_BUILDS = [name for name, svc in yaml.safe_load(COMPOSE_FILE.read_text())["services"].items() if "build" in svc]
@@ -79,10 +83,11 @@ def _readable_copy(src: Path, dst: Path) -> Path:
 class Stack:
     """podman-compose over docker-compose.yml under a private project name, and the podman checks beside it."""
 
-    def __init__(self, ci: dict[str, str], workdir: Path) -> None:
+    def __init__(self, ci: dict[str, str], workdir: Path, compose_file: Path, project: str) -> None:
         self.ci = ci
-        self.project = f"lopdci{os.getpid()}"
-        self.port = _free_port()
+        self.compose_file = compose_file
+        self.project = project
+        self.port, self.replica_ports, self.s3_port = _free_port(), [_free_port(), _free_port()], _free_port()
         self.dirs = {name: workdir / name for name in ("store", "rollouts", "teacher", "student", "runs")}
         self.env = {
             **os.environ,
@@ -96,10 +101,17 @@ class Stack:
             "DATASET": "rollouts",
             "TRAIN_STEPS": "2",
             "LOPD_HEALTH_START_PERIOD": f"{START_PERIOD_S}s",
+            # docker-compose.s3.yml's: the replicas' and SeaweedFS's host ports, and CI's SeaweedFS image
+            "LOPD_PORT_1": str(self.replica_ports[0]),
+            "LOPD_PORT_2": str(self.replica_ports[1]),
+            "S3_PORT": str(self.s3_port),
+            "SEAWEEDFS_IMAGE": ci["LOPD_CI_SEAWEEDFS_IMAGE"],
         }
+        for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "STORE_URL"):
+            self.env.pop(key, None)  # the files' defaults, not whatever the test session exported
 
     def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        cmd = ["podman-compose", "-p", self.project, "-f", str(COMPOSE_FILE)]
+        cmd = ["podman-compose", "-p", self.project, "-f", str(self.compose_file)]
         cmd += ["--podman-build-args", self.ci["LOPD_CI_PODMAN_BUILD_ARGS"], *args]
         return subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
 
@@ -152,18 +164,21 @@ class Stack:
         )
         return got.stdout.split()
 
+    def volumes(self) -> list[str]:
+        label = f"label=io.podman.compose.project={self.project}"
+        return self.podman("volume", "ls", "--format", "{{.Name}}", "--filter", label).stdout.split()
+
     def remove_all(self) -> None:
-        """Whatever a failed run left behind: containers, then the project's network."""
+        """Whatever a failed run left behind: containers, the project's network and its volumes."""
         for name in self.leftovers():
             self.podman("rm", "-f", "-t", "0", name, check=False)
         self.podman("network", "rm", "-f", f"{self.project}_default", check=False)
+        for volume in self.volumes():
+            self.podman("volume", "rm", "-f", volume, check=False)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_llama_dir, tiny_llama_b_dir):
-    ci = _ci_env()
-    workdir = tmp_path_factory.mktemp("compose")
-    s = Stack(ci, workdir)
+def _stack(tmp_path_factory, tiny_llama_dir, tiny_llama_b_dir, compose_file: Path, project: str) -> Stack:
+    s = Stack(_ci_env(), tmp_path_factory.mktemp("compose"), compose_file, project)
     _readable_copy(tiny_llama_dir, s.dirs["teacher"])
     _readable_copy(tiny_llama_b_dir, s.dirs["student"])
     s.dirs["rollouts"].mkdir()
@@ -173,8 +188,30 @@ def stack(tmp_path_factory, tiny_llama_dir, tiny_llama_b_dir):
     for name in ("store", "runs"):
         s.dirs[name].mkdir()
         os.chown(s.dirs[name], UID, UID)
+    return s
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_llama_dir, tiny_llama_b_dir):
+    s = _stack(tmp_path_factory, tiny_llama_dir, tiny_llama_b_dir, COMPOSE_FILE, f"lopdci{os.getpid()}")
     yield s
     s.remove_all()
+
+
+@pytest.fixture(scope="module")
+def s3_stack(tmp_path_factory, tiny_llama_dir, tiny_llama_b_dir):
+    s = _stack(tmp_path_factory, tiny_llama_dir, tiny_llama_b_dir, S3_COMPOSE_FILE, f"lopdci{os.getpid()}s3")
+    yield s
+    s.remove_all()
+
+
+def _require_images(stack: Stack) -> None:
+    for image in (STORE_IMAGE, FULL_IMAGE):
+        if stack.podman("image", "exists", image, check=False).returncode != 0:
+            pytest.fail(f"{image} was not built (see test_images_build_and_are_fit_to_ship)", pytrace=False)
+
+
+PRECOMPUTE_ON_CPU = ["--device", "cpu", "--dtype", "float32", "--no-progress"]
 
 
 def test_images_build_and_are_fit_to_ship(stack):
@@ -209,15 +246,14 @@ def test_images_build_and_are_fit_to_ship(stack):
 
 def test_compose_up_for_real(stack):
     """Steps 2-8: a store made by `lopd precompute`, served, fetched, trained on, corrupted and taken down."""
-    if stack.podman("image", "exists", FULL_IMAGE, check=False).returncode != 0:
-        pytest.fail("the images were not built (see test_images_build_and_are_fit_to_ship)", pytrace=False)
+    _require_images(stack)
     store_dir = stack.dirs["store"]
     try:
         # 2. The store, made by the full image's `lopd precompute` (the compose service, on the CPU here).
         code, log = stack.one_off(
             "precompute",
             "precompute", "/rollouts", "--teacher", "/models/teacher", "--sft-teacher", "/models/teacher",
-            "--store", "/store", "--dataset", "rollouts", "--device", "cpu", "--dtype", "float32", "--no-progress",
+            "--store", "/store", "--dataset", "rollouts", *PRECOMPUTE_ON_CPU,
         )  # fmt: skip
         assert code == 0 and "published: rollouts v1" in log, log
         (store_dir / ".readers").mkdir(exist_ok=True)
@@ -267,3 +303,80 @@ def test_compose_up_for_real(stack):
         assert stack.leftovers() == []
     finally:
         stack.remove_all()
+
+
+def test_compose_s3_for_real(s3_stack):
+    """docker-compose.s3.yml, the same steps: SeaweedFS, precompute into the bucket, two replicas, the trainer."""
+    stack = s3_stack
+    _require_images(stack)
+    try:
+        # 1. SeaweedFS up, and healthy by the file's own check.
+        stack.compose("up", "-d", "s3")
+        s3 = stack.container("s3")
+        stack.wait_health(s3, "healthy", timeout=120)
+
+        # 2. The store, scored into the bucket by the precompute service through http://s3:8333.
+        code, log = stack.one_off(
+            "precompute",
+            "precompute", "/rollouts", "--teacher", "/models/teacher", "--sft-teacher", "/models/teacher",
+            "--store", S3_STORE_URL, "--dataset", "rollouts", *PRECOMPUTE_ON_CPU,
+        )  # fmt: skip
+        assert code == 0 and "published: rollouts v1" in log, log
+
+        # 3. Two replicas, healthy: every object of the version verified against its manifest.
+        started = time.monotonic()
+        stack.compose("up", "-d", "--no-deps", "store-1", "store-2")
+        replicas = [stack.container(name) for name in ("store-1", "store-2")]
+        for name in replicas:
+            stack.wait_health(name, "healthy", timeout=120)
+        print(f"\ntwo S3 replicas start to healthy: {time.monotonic() - started:.1f} s")
+
+        # 4. Both replicas answer with the same bytes, equal to the objects read from the host; stats come from
+        # DuckDB over S3 inside the read-only container.
+        indices = [5, 0, 23, 5, 11]
+        bases = [f"http://127.0.0.1:{port}" for port in stack.replica_ports]
+        raw = [httpx.post(f"{b}/v1/datasets/rollouts/batch", json={"indices": indices}, timeout=30) for b in bases]
+        assert [r.status_code for r in raw] == [200, 200], [r.text for r in raw]
+        assert raw[0].content == raw[1].content
+        with pytest.MonkeyPatch.context() as env:
+            for key, value in aws_env(stack.s3_port).items():
+                env.setenv(key, value)
+            env.setenv("AWS_ACCESS_KEY_ID", "lopd")  # the file's default keys
+            env.setenv("AWS_SECRET_ACCESS_KEY", "change-me")
+            store = layout.check_store_path(S3_STORE_URL)
+            expected = Store(store).open("rollouts").take(indices)
+            with StoreClient(bases[1]) as client:
+                got = client.fetch("rollouts", indices)
+            assert got.to_pylist() == expected.select(got.column_names).to_pylist()
+            for kind in ("coverage", "consistency"):
+                stats = [httpx.get(f"{b}/v1/datasets/rollouts/{kind}", timeout=60) for b in bases]
+                assert [r.status_code for r in stats] == [200, 200], [r.text for r in stats]
+                assert stats[0].json() == stats[1].json()
+
+            # 5. The trainer, against http://store-1:8000.
+            code, log = stack.one_off("trainer")
+            assert code == 0, log
+            metrics = (stack.dirs["runs"] / "student" / "metrics.csv").read_text().splitlines()
+            assert len(metrics) == 1 + 2, metrics
+
+            # 7. A replica writes nothing to its root file system (its only state is in memory and the bucket).
+            for path in ("/home/lopd/x", "/opt/venv/x"):
+                wrote = stack.podman("exec", replicas[0], "touch", path, check=False)
+                assert wrote.returncode != 0 and "Read-only file system" in wrote.stderr, (path, wrote.stderr)
+
+            # 6. An object that no longer matches its manifest turns both replicas unhealthy.
+            shard = layout.version_dir(store, "rollouts", 1) / layout.part_name(0)
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            shard.write_bytes(bytes(data))
+        for name in replicas:
+            stack.wait_health(name, "unhealthy", timeout=START_PERIOD_S + 60)
+        ready = httpx.get(f"{bases[0]}/readyz", timeout=10)
+        assert ready.status_code == 503 and layout.part_name(0) in json.dumps(ready.json()), ready.text
+
+        # 8. Down: nothing of the project is left running.
+        stack.compose("down", "-v")
+        assert stack.leftovers() == []
+    finally:
+        stack.remove_all()
+    assert stack.volumes() == []

@@ -30,30 +30,11 @@ from lopd.server.verify import VerifyConfig, verify_dataset
 from lopd.storage.reader import Store
 from lopd.storage.staging import Staging, list_staging_plans
 from tests.server.test_precompute import write_rollouts
-from tests.utils.inference_server import InferenceServer, closed_port_url, inference_server
+from tests.utils.inference_server import InferenceServer, closed_port_url
 from tests.utils.naive import naive_logprobs
 
 FAST = RetryPolicy(retries=2, backoff_s=0.01, max_backoff_s=0.05)
 BACKENDS = ("sglang", "openai")
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
-
-
-@pytest.fixture(scope="module")
-def _server(tiny_llama_dir):
-    with inference_server(tiny_llama_dir) as server:
-        yield server
-
-
-@pytest.fixture
-def server(_server: InferenceServer) -> InferenceServer:
-    _server.reset()
-    return _server
 
 
 def _teacher(backend: str, server: InferenceServer, **kw) -> HTTPTeacher:

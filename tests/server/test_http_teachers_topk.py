@@ -26,30 +26,11 @@ from lopd.storage.reader import Store
 from lopd.storage.schema import TOPK_IDS, TOPK_LOGPROBS
 from tests.server.test_precompute import write_rollouts
 from tests.server.test_topk_transformers import assert_topk_matches, naive_topk
-from tests.utils.inference_server import InferenceServer, inference_server
+from tests.utils.inference_server import InferenceServer
 from tests.utils.naive import naive_logprobs
 
 FAST = RetryPolicy(retries=1, backoff_s=0.01, max_backoff_s=0.05)
 K = 5
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
-
-
-@pytest.fixture(scope="module")
-def _server(tiny_llama_dir):
-    with inference_server(tiny_llama_dir) as server:
-        yield server
-
-
-@pytest.fixture
-def server(_server: InferenceServer) -> InferenceServer:
-    _server.reset()
-    return _server
 
 
 def _teacher(backend: str, server: InferenceServer, **kw) -> HTTPTeacher:

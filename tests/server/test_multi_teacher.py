@@ -102,7 +102,8 @@ def test_each_record_is_scored_by_its_routed_teacher(built, teachers) -> None:
 def test_per_teacher_stats_and_the_training_gate(built) -> None:
     root, *_ = built
     stats = consistency(root / "store", "ds")
-    assert [(t.key, t.samples, t.verdict) for t in stats.per_teacher] == [("code", 5, "consistent"), ("math", 8, "consistent")]
+    per_teacher = [(t.key, t.samples, t.verdict) for t in stats.per_teacher]
+    assert per_teacher == [("code", 5, "consistent"), ("math", 8, "consistent")]
     table = Store(root / "store").open("ds").read_all()
     lps = table["teacher_logprobs"].to_pylist()
     math_tokens = [x for row in lps[5:] for x in row]
@@ -119,8 +120,10 @@ def test_per_teacher_stats_and_the_training_gate(built) -> None:
 
 def test_an_inconsistent_routed_teacher_is_refused_at_precompute_and_at_training(tmp_path, teachers) -> None:
     rollouts = _rollouts(tmp_path / "r.jsonl")
-    bad = _map(tmp_path / "map.json", {"math": (teachers["math"], teachers["math"]), "code": (teachers["code"],
-                                                                                                teachers["math"])})
+    bad = _map(
+        tmp_path / "map.json",
+        {"math": (teachers["math"], teachers["math"]), "code": (teachers["code"], teachers["math"])},
+    )
     with pytest.raises(TeacherMismatch, match="routed teacher 'code': refusing to score with teacher"):
         run_precompute(_cfg(tmp_path, rollouts, bad))
     assert not (tmp_path / "store").exists()
@@ -139,8 +142,11 @@ def test_an_inconsistent_routed_teacher_is_refused_at_precompute_and_at_training
 @pytest.mark.parametrize(
     ("sources", "message"),
     [
-        (["math", "chem", "code"], r"record 'r001' has data_source 'chem', which --teacher-map .* does not route "
-                                   r"\(it routes 'code', 'math'\)\. Add \"chem\""),
+        (
+            ["math", "chem", "code"],
+            r"record 'r001' has data_source 'chem', which --teacher-map .* does not route "
+            r"\(it routes 'code', 'math'\)\. Add \"chem\"",
+        ),
         (["math", None], r"record 'r001' has no 'data_source' field"),
     ],
     ids=["unknown-key", "missing-field"],
@@ -205,7 +211,8 @@ def test_served_consistency_per_teacher_and_the_loader_filter(built) -> None:
     with _real_server(root / "store") as url:
         body = httpx.get(f"{url}/v1/datasets/ds/consistency").json()
         assert [(t["key"], t["samples"], t["verdict"]) for t in body["per_teacher"]] == [
-            ("code", 5, "consistent"), ("math", 8, "consistent")
+            ("code", 5, "consistent"),
+            ("math", 8, "consistent"),
         ]
         with StoreClient(url) as client:
             loader = OPDLoader(client, "ds", 3, arrays="numpy", teachers=["code"], num_epochs=1)

@@ -67,13 +67,6 @@ def rollouts_file(tmp_path_factory) -> Path:
     return write_rollouts(tmp_path_factory.mktemp("rollouts") / "r.jsonl", 30, seed=1, with_logprobs_every=4)
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
-
-
 def test_consistent_run_stores_exact_teacher_logprobs(tmp_path, rollouts_file, tiny_llama_dir, llama):
     result = run_precompute(_cfg(tmp_path, rollouts_file, tiny_llama_dir))
     assert result.status == "published"

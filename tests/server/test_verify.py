@@ -97,8 +97,18 @@ def test_the_teacher_defaults_to_the_one_the_manifest_records(scored_store, tiny
     report = verify_dataset(VerifyConfig(store=scored_store, dataset="t1", samples=5))
     assert report.passed and report.fingerprint_matches and report.max_abs_diff < 1e-4
     assert set(report.to_json()) == {
-        "dataset", "version", "samples", "tokens", "max_abs_diff", "mean_abs_diff", "worst_sample_id", "tolerance",
-        "teacher_fingerprint", "manifest_teacher_fingerprint", "fingerprint_matches", "passed",
+        "dataset",
+        "version",
+        "samples",
+        "tokens",
+        "max_abs_diff",
+        "mean_abs_diff",
+        "worst_sample_id",
+        "tolerance",
+        "teacher_fingerprint",
+        "manifest_teacher_fingerprint",
+        "fingerprint_matches",
+        "passed",
     }  # fmt: skip  (one teacher: the report keeps its form, no routes)
     assert "\n" not in report.summary()
     with pytest.raises(InvalidInput, match="has one teacher: --teacher-map is for multi-teacher datasets"):

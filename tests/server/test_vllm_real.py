@@ -205,7 +205,8 @@ def in_process(tmp_path_factory: pytest.TempPathFactory, vllm_models: dict[str, 
     topk_prompts, topk_responses = _records(TOPK_LENGTHS, seed=9)
     jobs = [
         {
-            "name": arch, "model": str(model), "options": {"dtype": "float32", "top_k": TOP_K[arch]}, "prompts": prompts,
+            "name": arch, "model": str(model), "options": {"dtype": "float32", "top_k": TOP_K[arch]},
+            "prompts": prompts,
             "responses": responses, "id_limit": ID_LIMIT, "chunk_tokens": 3000 if arch == "llama" else None,
             "topk": None if arch != "qwen2" else {
                 "records": [list(x) for x in zip(topk_prompts, topk_responses)], "ks": [0, 1, 5, 20],
@@ -262,7 +263,7 @@ def test_in_process_vllm_topk_matches_the_naive_reference(in_process: dict[str, 
     prompts, responses = in_process["records"][arch]
     assert job["max_logprobs"] == max(k, 20)  # raised to K above vLLM's default cap, else left alone
     worst = 0.0
-    for i, (p, r, s, plain) in enumerate(zip(prompts, responses, job["scored_topk"], job["logprobs"])):
+    for p, r, s, plain in zip(prompts, responses, job["scored_topk"], job["logprobs"]):
         assert s["dtypes"] == ["int32", "float32"]
         got = TopKScores(np.asarray(s["logprobs"], np.float32), np.asarray(s["ids"], np.int32),
                          np.asarray(s["topk"], np.float32))  # fmt: skip
@@ -494,5 +495,6 @@ def test_openai_backend_topk_against_real_vllm_matches_the_naive_reference(
         worst = max(worst, float(np.max(np.abs(g.topk_logprobs - ref_lps))))
     print(f"openai (real vLLM server): top-{k} max |server - naive| = {worst:.2e}")
     # The server was started with vLLM's default --max-logprobs 20: K = 21 is refused at load, saying how to fix it.
-    with pytest.raises(InvalidInput, match=r"does not return the top 21 .*greater than max allowed: 20.*--max-logprobs"):
+    refused = r"does not return the top 21 .*greater than max allowed: 20.*--max-logprobs"
+    with pytest.raises(InvalidInput, match=refused):
         OpenAITeacher(model, teacher_url=openai_server, top_k=21)

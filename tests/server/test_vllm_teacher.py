@@ -107,13 +107,6 @@ def _records(spec: list[tuple[int, int]], seed: int = 0) -> tuple[list[list[int]
     ]
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
-
-
 SPEC = [(1, 1), (1, 30), (12, 5), (40, 40), (3, 1)]
 
 

@@ -79,7 +79,9 @@ def test_trl_layout_keeps_the_realized_token_as_trl_does(tmp_path: Path, topk_st
         assert got["completion_mask"][i].as_py() == [0] * len(prompt) + [1] * len(response)
         assert got["teacher_id"][i].as_py() == "default"
         top = np.asarray(want[TOPK_IDS][i]).reshape(len(response), K)
-        for j, (ids, lps) in enumerate(zip(got["teacher_topk_ids"][i].as_py(), got["teacher_topk_logprobs"][i].as_py())):
+        for j, (ids, lps) in enumerate(
+            zip(got["teacher_topk_ids"][i].as_py(), got["teacher_topk_logprobs"][i].as_py())
+        ):
             assert ids[:K] == top[j].tolist()
             if response[j] in top[j]:
                 assert len(ids) == K
@@ -104,8 +106,9 @@ def test_multi_teacher_exports_name_each_samples_teacher(tmp_path: Path, tiny_ll
     from lopd.server.precompute import PrecomputeConfig, run_precompute
     from tests.server.test_multi_teacher import _map, _rollouts
 
-    teacher_map = _map(tmp_path / "m.json", {"math": (tiny_llama_dir, tiny_llama_dir), "code": (tiny_qwen2_dir,
-                                                                                               tiny_qwen2_dir)})
+    teacher_map = _map(
+        tmp_path / "m.json", {"math": (tiny_llama_dir, tiny_llama_dir), "code": (tiny_qwen2_dir, tiny_qwen2_dir)}
+    )
     cfg = PrecomputeConfig(
         rollouts=[_rollouts(tmp_path / "r.jsonl", ["math", "code", "math"])], teacher_map=teacher_map,
         store=tmp_path / "s", dataset="ds", top_k=2, progress=False,

@@ -6,8 +6,8 @@ real numbers, real sockets and real HTTP, not mocks:
 
 * SGLang: `POST /generate` (`input_ids`, `sampling_params`, `return_logprob`, `logprob_start_len`;
   `meta_info.input_token_logprobs` as `[logprob, token_id, null]`; with `top_logprobs_num` K,
-  `meta_info.input_top_logprobs` aligned with it, K `[logprob, token_id, null]` per position, null first), `GET /get_model_info`,
-  `GET /get_server_info`, `GET /health`. The offset convention follows SGLang's source: recent
+  `meta_info.input_top_logprobs` aligned with it, K `[logprob, token_id, null]` per position, null first),
+  `GET /get_model_info`, `GET /get_server_info`, `GET /health`. The offset convention follows SGLang's source: recent
   versions return tokens `K..L-1` with a null first entry; `sglang_convention="2024"` returns
   tokens `K+1..L-1` (and a null entry for token 0 only when K = 0).
 * vLLM OpenAI-compatible: `POST /v1/completions` (token-id `prompt`, `prompt_logprobs`;

