@@ -1,8 +1,10 @@
-"""docker-compose.yml: valid, safe by construction, and every service command is a real `lopd` command.
+"""docker-compose.yml and docker-compose.s3.yml: valid, safe by construction, and every command a real one.
 
-The file is checked as data, and each service's command runs outside containers with the container
+The files are checked as data, and each service's command runs outside containers with the container
 paths mapped onto temporary ones: the store is served, a dataset is precomputed into it, and the
-trainer trains against it. tests/deploy/test_compose_real.py runs the file itself, with podman.
+trainer trains against it; for the S3 file, SeaweedFS runs from its service's command, precompute
+scores into its bucket and both replicas serve it. tests/deploy/test_compose_real.py runs the files
+themselves, with podman.
 """
 
 from __future__ import annotations
