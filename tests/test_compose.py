@@ -199,7 +199,7 @@ def test_s3_services_run_outside_docker(tmp_path, tiny_llama_dir):
             port = _free_port()
             replica_map = {**mapping, "8000": str(port)}
             env = {**os.environ, **_environment(name, replica_map, S3_SERVICES)}
-            assert env["LOPD_CACHE_BYTES"] == str(256 * 2**20)
+            assert env["LOPD_CACHE_BYTES"] == str(256 * 2**20) and env["LOPD_SCRUB_BYTES_PER_S"] == str(2**20)
             procs.append(subprocess.Popen(_command(name, replica_map, S3_SERVICES), env=env,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
             health = S3_SERVICES[name]["healthcheck"]["test"][1]
