@@ -200,6 +200,14 @@ def test_progress_line_reports_throughput_and_data_wait_share(served, tiny_qwen2
 def no_rollout_logprobs(client_store, tmp_path_factory):
     """The `scored` samples republished without rollout log-probs (as `lopd precompute` without
     --rollout-policy stores rollouts that carry none), served on their own."""
+    samples = dict(client_store.samples["scored"])
+    samples["rollout"] = [None] * len(samples["ids"])
+    root = tmp_path_factory.mktemp("no-rollout-store")
+    yield from _republished(client_store, root, samples, rollout_logprobs_source="none")
+
+
+def _republished(client_store, root, samples, **provenance_update):
+    """`samples` published into `root` with the client store's teacher (consistent) and served; yields `Served`."""
     from lopd.storage.manifest import Consistency
     from tests.client.conftest import Served, _real_server
     from tests.utils.factories import provenance, publish_samples
@@ -211,13 +219,10 @@ def no_rollout_logprobs(client_store, tmp_path_factory):
             "sft_teacher_fingerprint": client_store.teacher_fingerprint,
             "tokenizer_fingerprint": client_store.tokenizer_fingerprint,
             "rollout_tokenizer_fingerprint": client_store.tokenizer_fingerprint,
-            "rollout_logprobs_source": "none",
             "consistency": Consistency(teacher_consistent=True, mismatch_allowed=False, rollout_tokenizer_checked=True),
+            **provenance_update,
         }
     )
-    samples = dict(client_store.samples["scored"])
-    samples["rollout"] = [None] * len(samples["ids"])
-    root = tmp_path_factory.mktemp("no-rollout-store")
     publish_samples(root, "scored", samples, prov=prov, per_part=8)
     with _real_server(root) as url:
         yield Served(url=url, store=client_store)
@@ -276,26 +281,10 @@ def test_rollout_reference_without_rollout_logprobs_warns_once_at_start(
 @pytest.fixture(scope="module")
 def topk_served(client_store, tmp_path_factory):
     """The `scored` samples with a top-4 of real token ids (descending log-probs), built as with --top-k 4."""
-    from lopd.storage.manifest import Consistency
-    from tests.client.conftest import Served, _real_server
-    from tests.utils.factories import add_topk, provenance, publish_samples
+    from tests.utils.factories import add_topk
 
-    base = provenance()
-    prov = base.model_copy(
-        update={
-            "teacher": base.teacher.model_copy(update={"fingerprint": client_store.teacher_fingerprint}),
-            "sft_teacher_fingerprint": client_store.teacher_fingerprint,
-            "tokenizer_fingerprint": client_store.tokenizer_fingerprint,
-            "rollout_tokenizer_fingerprint": client_store.tokenizer_fingerprint,
-            "consistency": Consistency(teacher_consistent=True, mismatch_allowed=False, rollout_tokenizer_checked=True),
-            "top_k": 4,
-        }
-    )
     samples = add_topk(client_store.samples["scored"], 4, seed=2, vocab=100)
-    root = tmp_path_factory.mktemp("topk-store")
-    publish_samples(root, "scored", samples, prov=prov, per_part=8)
-    with _real_server(root) as url:
-        yield Served(url=url, store=client_store)
+    yield from _republished(client_store, tmp_path_factory.mktemp("topk-store"), samples, top_k=4)
 
 
 @pytest.mark.parametrize("loss", ["forward-kl-topk", "reverse-kl-topk", "jsd-topk"])
