@@ -71,14 +71,16 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
 
 
 @contextmanager
-def lopd_serve(store: Path, tokens: Path, log_path: Path) -> Iterator[tuple[str, int]]:
-    """`lopd serve STORE --port P --tokens-file T` (defaults otherwise) in its own process; (url, pid)."""
+def lopd_serve(
+    store: Path, tokens: Path, log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, int]]:
+    """`lopd serve STORE --port P --tokens-file T` (defaults otherwise, or `env`'s LOPD_*) in its own process."""
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "lopd", "serve", str(store), "--port", str(port), "--tokens-file", str(tokens)]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -32,6 +32,7 @@ from .body_limit import BodyLimitMiddleware
 from .catalog import Catalog
 from .edge import EdgeMiddleware
 from .errors import error_responses, install_error_handlers
+from .limits import Limits, LimitsCollector
 from .metrics import Metrics, MetricsMiddleware
 from .settings import ServerSettings
 
@@ -82,6 +83,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.catalog = catalog
     app.state.tokens = tokens
     app.state.metrics = metrics = Metrics()
+    app.state.limits = limits = Limits(settings.max_concurrent_reads)
+    metrics.registry.register(LimitsCollector(limits))
     install_error_handlers(app)
     # Added innermost first: the last one added sees a request first.
     app.add_middleware(

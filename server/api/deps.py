@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from .catalog import Catalog
+from .limits import Limits
 from .metrics import Metrics
 from .settings import ServerSettings
 
@@ -23,6 +24,11 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def get_limits(request: Request) -> Limits:
+    return request.app.state.limits
+
+
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+LimitsDep = Annotated[Limits, Depends(get_limits)]

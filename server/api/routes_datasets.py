@@ -40,9 +40,11 @@ from lopd.storage.stats import ConsistencyStats, CoverageStats
 from . import encoding
 from .auth import lab_of
 from .catalog import Catalog, ServedVersion
-from .deps import CatalogDep, MetricsDep, SettingsDep
+from .deps import CatalogDep, LimitsDep, MetricsDep, SettingsDep
 from .errors import TooLarge, error_responses
+from .metrics import Metrics
 from .redaction import public_manifest
+from .settings import ServerSettings
 
 router = APIRouter(prefix=DATASETS_PATH, tags=["datasets"])
 
@@ -153,16 +155,29 @@ def get_manifest(
     response_model=None,
     responses={200: {"model": Sample, "description": "The sample."}, **_NOT_MODIFIED, **_VERSION_ERRORS},
 )
-def get_sample(
+async def get_sample(
     name: Name,
     index: Index,
     request: Request,
     catalog: CatalogDep,
     metrics: MetricsDep,
+    limits: LimitsDep,
     version: Version = None,
     if_none_match: IfNoneMatch = None,
 ) -> Response:
     """One sample as JSON."""
+    return await limits.read(_sample, name, index, request, catalog, metrics, version, if_none_match)
+
+
+def _sample(
+    name: str,
+    index: int,
+    request: Request,
+    catalog: Catalog,
+    metrics: Metrics,
+    version: int | None,
+    if_none_match: str | None,
+) -> Response:
     served = catalog.open(name, version)
     m = served.manifest
     idx = _check_indices([index], len(served), m.name, m.version)
@@ -185,16 +200,29 @@ def get_sample(
         **error_responses(400, 401, 404, 413, 422, 503),
     },
 )
-def get_batch(
+async def get_batch(
     name: Name,
     body: BatchRequest,
     request: Request,
     catalog: CatalogDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    limits: LimitsDep,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
     """Samples by dataset index, in the order given (repeats allowed), within the server's limits."""
+    return await limits.read(_batch, name, body, request, catalog, settings, metrics, accept)
+
+
+def _batch(
+    name: str,
+    body: BatchRequest,
+    request: Request,
+    catalog: Catalog,
+    settings: ServerSettings,
+    metrics: Metrics,
+    accept: str | None,
+) -> Response:
     if len(body.indices) > settings.max_batch_indices:
         raise TooLarge(
             f"{len(body.indices)} indices in one batch; the limit max_batch_indices is "

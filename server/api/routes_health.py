@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from lopd.http_contract import LIVEZ_PATH, READYZ_PATH, LivezResponse, ReadyResponse, UnavailableResponse
 
-from .deps import CatalogDep
+from .deps import CatalogDep, LimitsDep
 
 router = APIRouter(tags=["health"])
 
@@ -23,9 +23,9 @@ async def livez() -> LivezResponse:
     response_model=ReadyResponse,
     responses={503: {"model": UnavailableResponse, "description": "Store missing or a version failed verification."}},
 )
-def readyz(catalog: CatalogDep) -> ReadyResponse | JSONResponse:
+async def readyz(catalog: CatalogDep, limits: LimitsDep) -> ReadyResponse | JSONResponse:
     """200 once the store is there and every published version's checksums matched; 503 listing why not."""
-    state = catalog.readiness()
+    state = await limits.check(catalog.readiness)  # its own lane: never queued behind batch reads
     if not state.ready:
         return JSONResponse(UnavailableResponse(problems=state.problems).model_dump(), status_code=503)
     return ReadyResponse(datasets=state.datasets)

@@ -19,6 +19,9 @@ from lopd.storage.layout import StorePath
 
 from .catalog import DEFAULT_CACHE_BYTES, DEFAULT_SCRUB_BYTES_PER_S
 
+# Enough to keep a few cores busy decoding (pyarrow releases the GIL) without one decoded batch per pool thread.
+DEFAULT_MAX_CONCURRENT_READS = 8
+
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 ANY_HOST = "*"
 
@@ -98,6 +101,13 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="Memory for decoded row groups of a store on object storage (s3://), least recently used "
         "evicted first; 0: off. Local stores use the OS page cache instead.",
+    )
+    max_concurrent_reads: int = Field(
+        default=DEFAULT_MAX_CONCURRENT_READS,
+        ge=1,
+        description="Batch and sample requests read and encoded at once; more wait their turn without holding a "
+        "thread. Bounds the memory of reads in flight to about this many batches (beyond --cache-bytes); health "
+        "checks never wait behind them.",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
