@@ -59,6 +59,11 @@ class Corrupt(LopdError):
     """Stored bytes do not match their manifest (checksum, size or schema)."""
 
 
+class Unavailable(LopdError):
+    """The store cannot be read right now (its object store unreachable, say): nothing is known to be damaged,
+    and the same request may succeed later."""
+
+
 class Conflict(LopdError):
     """The operation conflicts with what is already stored (e.g. a staging area from other settings)."""
 

@@ -92,6 +92,7 @@ class ErrorType(str, Enum):
     NOT_FOUND = "not_found"
     INVALID_INPUT = "invalid_input"
     CORRUPT = "corrupt"
+    UNAVAILABLE = "unavailable"
     UNAUTHORIZED = "unauthorized"
     TOO_LARGE = "too_large"
     METHOD_NOT_ALLOWED = "method_not_allowed"

@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from typing_extensions import TypeIs
 
-from lopd.errors import InvalidInput
+from lopd.errors import InvalidInput, Unavailable
 
 OBJECT_SCHEMES = ("s3",)
 # `scheme://...` as typed, or `scheme:/...` once `pathlib.Path` has collapsed the double slash. Two letters
@@ -219,6 +219,21 @@ S = TypeVar("S", Path, ObjectPath, StoreDir)
 def is_object(path: StoreDir) -> TypeIs[ObjectPath]:
     """True for an object-storage key (no rename, no locks, no hard links), False for a local path."""
     return isinstance(path, ObjectPath)
+
+
+def unreachable(path: StoreDir, err: OSError) -> Unavailable | None:
+    """An `Unavailable` when `err` means the object store could not be asked, not that an object is bad.
+
+    On object storage an error other than "no such object" comes from the service or the network
+    (connection refused, timeouts, throttling, 5xx): transient, and no evidence about the bytes. On a
+    local disk the same class of error (EIO, say) is the disk's answer about the file, so None.
+    """
+    if not isinstance(path, ObjectPath) or isinstance(err, FileNotFoundError):
+        return None
+    return Unavailable(
+        f"the object store cannot be read right now ({' '.join(str(err).split())}); nothing is known to be damaged: "
+        "check that AWS_ENDPOINT_URL is reachable and the credentials valid; requests succeed again once it is"
+    )
 
 
 def entries(directory: S) -> list[S]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from lopd.errors import Corrupt
 
-from .fs import ObjectPath, StoreDir, entries, open_binary
+from .fs import ObjectPath, StoreDir, entries, open_binary, unreachable
 from .manifest import FileEntry
 
 _CHUNK = 1 << 20
@@ -80,12 +80,14 @@ def verify_file(
         stamp = FileStamp.of(path)
     except FileNotFoundError:
         raise Corrupt(f"{path.name} is listed in the manifest of {path.parent} but missing") from None
+    except OSError as e:
+        raise (unreachable(path, e) or e) from e
     if stamp.size != entry.bytes:
         raise Corrupt(f"{path}: {stamp.size} bytes, the manifest says {entry.bytes}: the shard is damaged")
     try:
         digest = hash_file(path, bytes_per_s=bytes_per_s, stop=stop)
     except OSError as e:
-        raise Corrupt(f"{path}: unreadable ({e})") from e
+        raise (unreachable(path, e) or Corrupt(f"{path}: unreadable ({e})")) from e
     if digest is None:
         return None
     if digest != entry.sha256:

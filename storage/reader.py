@@ -22,7 +22,7 @@ from lopd.errors import Corrupt, InvalidInput, NotFound
 
 from . import layout
 from .cache import RowGroupCache
-from .fs import StoreDir, entries, parquet_file, read_schema, read_table
+from .fs import StoreDir, entries, parquet_file, read_schema, read_table, unreachable
 from .integrity import FileStamp, verify_file
 from .manifest import Manifest, read_manifest
 from .publish import published_versions
@@ -337,6 +337,8 @@ class Dataset:
                 if not table.schema.field(name).type.equals(column_type(name), check_metadata=False):
                     raise ValueError(f"column {name} decoded as {table.schema.field(name).type}")
         except (OSError, pa.ArrowException, ValueError, KeyError, IndexError) as e:
+            if isinstance(e, OSError) and (transient := unreachable(self.path, e)) is not None:
+                raise transient from e  # the service did not answer: no evidence about the bytes
             name = self.manifest.files[file_index].path
             self._damaged(f"{self.path / name}: unreadable Parquet ({type(e).__name__}: {e})")
         if self.cache is not None:

@@ -34,16 +34,16 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
-from lopd.errors import Corrupt, LopdError, NotFound
+from lopd.errors import Corrupt, LopdError, NotFound, Unavailable
 from lopd.storage import layout, stats
 from lopd.storage.cache import RowGroupCache
-from lopd.storage.fs import StoreDir, is_object
+from lopd.storage.fs import StoreDir, is_object, unreachable
 from lopd.storage.integrity import FileStamp, directory_stamps
 from lopd.storage.manifest import Manifest
 from lopd.storage.reader import Dataset, Store, open_version, read_version_manifest
@@ -71,6 +71,16 @@ class ServedVersion:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """One look at the store: its published versions, or why it could not be read (`transient`: an outage)."""
+
+    versions: dict[str, list[int]] = field(default_factory=dict)
+    staging_only: frozenset[str] = frozenset()
+    problem: str | None = None
+    transient: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,12 +152,15 @@ class Catalog:
             if self._scan_started >= asked or (not force and self._clock() - self._scanned_at < self.ttl_s):
                 return  # another thread scanned while this one waited
             self._scan_started = self._clock()
-            versions, staging_only, problem = self._scan()
+            scan = self._scan()
             with self._lock:
-                self._versions, self._staging_only, self._store_problem = versions, staging_only, problem
+                self._store_problem = scan.problem
+                if not scan.transient:  # an outage is no news about the store: keep what was verified
+                    self._versions, self._staging_only = scan.versions, scan.staging_only
+                    self._forget_removed(scan.versions)
                 self._scanned_at = self._clock()
-                self._forget_removed(versions)
-            self._retry_changed_problems()
+            if not scan.transient:
+                self._retry_changed_problems()
         if self.pending():
             self._wake.set()
 
@@ -177,12 +190,23 @@ class Catalog:
                         self._problems.pop(key, None)
                 log.info("a file of %s v%d changed: verifying it again", *key)
 
-    def _scan(self) -> tuple[dict[str, list[int]], frozenset[str], str | None]:
+    def _scan(self) -> _Scan:
         try:
             store = Store(self.root)
-            return store.catalogue(), frozenset(store.unpublished()), None
-        except (LopdError, OSError, ValueError):
-            return {}, frozenset(), f"store unavailable: no readable {layout.STORE_MARKER} in the configured directory"
+            return _Scan(store.catalogue(), frozenset(store.unpublished()))
+        except NotFound:
+            missing = f"no {layout.STORE_MARKER} at the store's root (not created yet: `lopd precompute ... --store`)"
+            return _Scan(problem=f"store unavailable: {missing}")
+        except OSError as e:
+            transient = unreachable(self.root, e)
+            reason = transient or f"cannot read it ({type(e).__name__}: {e}): is the disk mounted?"
+            return _Scan(problem=self._public(f"store unavailable: {reason}"), transient=transient is not None)
+        except (LopdError, ValueError) as e:
+            return _Scan(problem=self._public(f"store unavailable: {e}"))
+
+    def _public(self, message: str) -> str:
+        """`message` with the store's local path replaced by `<store>` (it is served over HTTP)."""
+        return message.replace(str(self.root.resolve()), "<store>").replace(str(self.root), "<store>")
 
     # -- lookup -----------------------------------------------------------------------------
 
@@ -198,7 +222,7 @@ class Catalog:
             with self._lock:
                 known, store_problem = self._versions.get(name), self._store_problem
             if store_problem:
-                raise Corrupt(store_problem)
+                raise Unavailable(store_problem)
             if known:
                 raise NotFound(f"dataset {name!r} has no version {version}; published versions: {known}")
             raise NotFound(f"no dataset {name!r}; GET /v1/datasets lists them")
@@ -247,7 +271,10 @@ class Catalog:
                 registered = self._registered.get(key)
             if registered is not None and now - registered < READ_IDLE_S - LEASE_TTL_S:
                 return
-            self._lease.renew()
+            try:
+                self._lease.renew()
+            except OSError as e:  # on object storage: the service did not answer (a disk error stays an error)
+                raise (unreachable(self.root, e) or e) from e
             self.refresh(force=True)
             if self._find(*key) is None:
                 with self._lock:
@@ -319,6 +346,9 @@ class Catalog:
                     cache=self.cache,
                 )
                 counts = dataset.token_counts()
+            except Unavailable as e:  # not a verdict: it stays pending and the loop tries again
+                log.warning("cannot verify %s v%d now: %s", key[0], key[1], e)
+                return
             except (LopdError, OSError, ValueError) as e:
                 if self._still_published(key):
                     self._record_problem(key, e, stamps)
@@ -349,7 +379,7 @@ class Catalog:
     def _record_problem(
         self, key: Key, err: Exception, stamps: tuple[tuple[str, FileStamp], ...] | None = None
     ) -> None:
-        message = str(err).replace(str(self.root.resolve()), "<store>").replace(str(self.root), "<store>")
+        message = self._public(str(err))
         if not isinstance(err, LopdError):
             message = f"{type(err).__name__}: {message}"
         log.error("dataset %s v%d is not served: %s", key[0], key[1], message)
@@ -430,7 +460,7 @@ class Catalog:
                     n = version.dataset.scrub(i, bytes_per_s=bytes_per_s, stop=self._stop)
                 except Corrupt:
                     break  # the version is a problem now: no need to read the rest of it
-                except OSError as e:  # removed by gc meanwhile, say
+                except (OSError, Unavailable) as e:  # removed by gc meanwhile, or the object store unreachable
                     log.debug("scrub skipped %s: %s", version.dataset.path, e)
                     break
                 total += n

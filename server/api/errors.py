@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 
-from lopd.errors import Corrupt, InvalidInput, LopdError, NotFound, Unauthorized
+from lopd.errors import Corrupt, InvalidInput, LopdError, NotFound, Unauthorized, Unavailable
 from lopd.http_contract import JSON_MEDIA_TYPE, ErrorResponse, ErrorType, error_body
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ _LOPD_STATUS: list[tuple[type[LopdError], int, ErrorType]] = [
     (InvalidInput, 422, ErrorType.INVALID_INPUT),
     (NotFound, 404, ErrorType.NOT_FOUND),
     (Corrupt, 503, ErrorType.CORRUPT),
+    (Unavailable, 503, ErrorType.UNAVAILABLE),
 ]
 _HTTP_TYPES: dict[int, ErrorType] = {
     401: ErrorType.UNAUTHORIZED,

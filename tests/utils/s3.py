@@ -50,6 +50,7 @@ class S3Server:
     data_dir: Path
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)  # the command, to start it again on the same ports and data
 
     @property
     def endpoint(self) -> str:
@@ -58,6 +59,12 @@ class S3Server:
     def store_url(self, name: str | None = None) -> str:
         """A fresh store prefix in the test bucket."""
         return f"s3://{BUCKET}/{name or uuid.uuid4().hex[:12]}"
+
+    def restart(self, timeout_s: float = 60.0) -> None:
+        """Start it again after `stop()`: the same ports, the same data directory (objects and buckets kept)."""
+        assert self.process.poll() is not None, "stop() it first"
+        self.process = _launch(self.args, self.data_dir, self.log_path, self.env)
+        _wait_serving(self, timeout_s)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -96,20 +103,30 @@ def start_seaweedfs(data_dir: Path, timeout_s: float = 60.0) -> S3Server:
     s3_port, port_args = mini_port_args()
     args = [binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={BUCKET}"]
     args += port_args + ["-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
-    env = {**os.environ, **aws_env(s3_port)}
     log_path = data_dir / "weed.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data_dir, start_new_session=True)
-    server = S3Server(proc, s3_port, data_dir, log_path, aws_env(s3_port))
+    server = S3Server(_launch(args, data_dir, log_path, aws_env(s3_port)), s3_port, data_dir, log_path,
+                      aws_env(s3_port), args)  # fmt: skip
+    _wait_serving(server, timeout_s)
+    return server
+
+
+def _launch(args: list[str], data_dir: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=data_dir,
+                                start_new_session=True)  # fmt: skip
+
+
+def _wait_serving(server: S3Server, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed mini exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        if server.process.poll() is not None:
+            log = server.log_path.read_text()[-2000:]
+            raise RuntimeError(f"weed mini exited with {server.process.returncode}: {log}")
         if _bucket_ready(server):
-            return server
+            return
         time.sleep(0.2)
     server.stop()
-    raise RuntimeError(f"weed mini did not serve S3 within {timeout_s} s: {log_path.read_text()[-2000:]}")
+    raise RuntimeError(f"weed mini did not serve S3 within {timeout_s} s: {server.log_path.read_text()[-2000:]}")
 
 
 def _bucket_ready(server: S3Server) -> bool:
