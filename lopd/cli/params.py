@@ -76,7 +76,8 @@ def missing_module(err: BaseException) -> str | None:
 
 @contextmanager
 def cli_errors(extra: str | None = None) -> Iterator[None]:
-    """Every command's one error path: an expected `LopdError` becomes a message and exit 2, never a traceback.
+    """Every command's one error path: an expected `LopdError` becomes a message and exit 2, never a traceback;
+    so does an `OSError` (a store that cannot be reached or read), with where to look.
 
     So does a missing optional module: the message names the extra to install (`extra`, the command's
     own, or the one `EXTRA_OF_MODULE` gives for that module).
@@ -85,6 +86,8 @@ def cli_errors(extra: str | None = None) -> Iterator[None]:
         yield
     except LopdError as e:
         fail(e)
+    except OSError as e:  # what the operating system or an object store said: the operator's to fix, not a bug
+        fail(f"{type(e).__name__}: {' '.join(str(e).split())}{_hint(e)}")
     except ImportError as e:
         module = missing_module(e)
         if module is None:
@@ -93,6 +96,16 @@ def cli_errors(extra: str | None = None) -> Iterator[None]:
             f"this command needs {module}, which is not installed: "
             f"pip install 'lightning-opd[{extra or EXTRA_OF_MODULE[module]}]'"
         )
+
+
+def _hint(e: OSError) -> str:
+    """Where to look for an object store's error (the AWS SDK under pyarrow's S3 filesystem says "AWS Error")."""
+    if "AWS Error" not in str(e):
+        return ""
+    return (
+        "; check that AWS_ENDPOINT_URL is reachable, the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) "
+        "and that the bucket exists"
+    )
 
 
 def _strip_optional(annotation: Any) -> Any:
