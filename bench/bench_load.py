@@ -318,19 +318,24 @@ def summarise(name: str, records: list[tuple[str, str, float]], duration: float,
     }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_load_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """The clients' and the store's options, shared by the benchmarks that load a server this way."""
     p.add_argument("--quick", action="store_true", help="small settings, about 40 seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clients", type=int, help=f"concurrent clients under load (default {defaults['clients']})")
+    p.add_argument("--processes", type=int, help=f"client processes (default {defaults['processes']})")
+    p.add_argument("--duration", type=float, help=f"seconds per row (default {defaults['duration']})")
+    p.add_argument("--samples", type=int, help=f"samples in the store (default {defaults['samples']})")
+    p.add_argument("--batch-size", type=int, help=f"indices per batch (default {defaults['batch_size']})")
+    p.add_argument("--prompt-len", help=f"prompt tokens, 'lo,hi' (default {defaults['prompt_len']})")
+    p.add_argument("--response-len", help=f"response tokens, 'lo,hi' (default {defaults['response_len']})")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_load_options(p, DEFAULTS)
     p.add_argument("--name", default="load", help="results go to bench/results/<name>.json")
-    p.add_argument("--clients", type=int, help=f"concurrent clients under load (default {DEFAULTS['clients']})")
-    p.add_argument("--processes", type=int, help=f"client processes (default {DEFAULTS['processes']})")
-    p.add_argument("--duration", type=float, help=f"seconds per row (default {DEFAULTS['duration']})")
-    p.add_argument("--samples", type=int, help=f"samples in the store (default {DEFAULTS['samples']})")
-    p.add_argument("--batch-size", type=int, help=f"indices per batch (default {DEFAULTS['batch_size']})")
     p.add_argument("--slow", type=int, help=f"slowloris connections in the hostile row (default {DEFAULTS['slow']})")
-    p.add_argument("--prompt-len", help=f"prompt tokens, 'lo,hi' (default {DEFAULTS['prompt_len']})")
-    p.add_argument("--response-len", help=f"response tokens, 'lo,hi' (default {DEFAULTS['response_len']})")
     return parse_with_defaults(p, argv, DEFAULTS, QUICK)
 
 

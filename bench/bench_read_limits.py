@@ -27,7 +27,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from _common import parse_with_defaults, print_table, timed, write_json  # noqa: E402
-from bench_load import TOKEN, RssSampler, lopd_serve, rss_mb, run_clients, summarise  # noqa: E402
+from bench_load import TOKEN, RssSampler, add_load_options, lopd_serve, rss_mb, run_clients, summarise  # noqa: E402
 from bench_serving import build_store, cpu_seconds  # noqa: E402
 
 DEFAULTS: dict[str, Any] = dict(
@@ -72,17 +72,9 @@ class ReadyzProber:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small settings, about 40 seconds")
-    p.add_argument("--seed", type=int, default=0)
+    add_load_options(p, DEFAULTS)
     p.add_argument("--name", default="read_limits", help="results go to bench/results/<name>.json")
     p.add_argument("--limits", help=f"--max-concurrent-reads values, comma-separated (default {DEFAULTS['limits']})")
-    p.add_argument("--clients", type=int, help=f"concurrent clients (default {DEFAULTS['clients']})")
-    p.add_argument("--processes", type=int, help=f"client processes (default {DEFAULTS['processes']})")
-    p.add_argument("--duration", type=float, help=f"seconds per row (default {DEFAULTS['duration']})")
-    p.add_argument("--samples", type=int, help=f"samples in the store (default {DEFAULTS['samples']})")
-    p.add_argument("--batch-size", type=int, help=f"indices per batch (default {DEFAULTS['batch_size']})")
-    p.add_argument("--prompt-len", help=f"prompt tokens, 'lo,hi' (default {DEFAULTS['prompt_len']})")
-    p.add_argument("--response-len", help=f"response tokens, 'lo,hi' (default {DEFAULTS['response_len']})")
     return parse_with_defaults(p, argv, DEFAULTS, QUICK)
 
 
