@@ -331,6 +331,18 @@ def add_load_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> No
     p.add_argument("--response-len", help=f"response tokens, 'lo,hi' (default {defaults['response_len']})")
 
 
+def store_and_tokens(tmp: Path, args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
+    """The store the clients read (`add_load_options`' sizes) and a tokens file with TOKEN; prints its size."""
+    store = tmp / "store"
+    lo_hi = [tuple(int(x) for x in str(r).split(",")) for r in (args.prompt_len, args.response_len)]
+    build_s, info = timed(lambda: build_store(store, args.samples, lo_hi[0], lo_hi[1], seed=args.seed))  # type: ignore[arg-type]
+    tokens = tmp / "tokens.json"
+    tokens.write_text(json.dumps({TOKEN: "bench"}))
+    tokens.chmod(0o600)
+    print(f"store: {info['samples']:,} samples, {info['tokens_per_sample']:,.0f} tokens/sample ({build_s:.1f}s)")
+    return store, tokens, info
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_options(p, DEFAULTS)
@@ -344,13 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
-        store = Path(tmp) / "store"
-        lo_hi = [tuple(int(x) for x in str(r).split(",")) for r in (args.prompt_len, args.response_len)]
-        build_s, info = timed(lambda: build_store(store, args.samples, lo_hi[0], lo_hi[1], seed=args.seed))  # type: ignore[arg-type]
-        tokens = Path(tmp) / "tokens.json"
-        tokens.write_text(json.dumps({TOKEN: "bench"}))
-        tokens.chmod(0o600)
-        print(f"store: {info['samples']:,} samples, {info['tokens_per_sample']:,.0f} tokens/sample ({build_s:.1f}s)")
+        store, tokens, info = store_and_tokens(Path(tmp), args)
         with lopd_serve(store, tokens, Path(tmp) / "server.log") as (url, pid):
             port = int(url.rsplit(":", 1)[1])
             run_clients(url, args.clients, args.processes, args, min(5.0, args.duration / 2))  # warm-up, not kept

@@ -13,7 +13,6 @@ the 40 row of the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,9 +25,17 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from _common import parse_with_defaults, print_table, timed, write_json  # noqa: E402
-from bench_load import TOKEN, RssSampler, add_load_options, lopd_serve, rss_mb, run_clients, summarise  # noqa: E402
-from bench_serving import build_store, cpu_seconds  # noqa: E402
+from _common import parse_with_defaults, print_table, write_json  # noqa: E402
+from bench_load import (  # noqa: E402
+    RssSampler,
+    add_load_options,
+    lopd_serve,
+    rss_mb,
+    run_clients,
+    store_and_tokens,
+    summarise,
+)
+from bench_serving import cpu_seconds  # noqa: E402
 
 DEFAULTS: dict[str, Any] = dict(
     clients=64, processes=4, duration=20.0, samples=2000, batch_size=32, prompt_len="50,300", response_len="100,1000",
@@ -84,13 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-read-limits-") as tmp:
-        store = Path(tmp) / "store"
-        lo_hi = [tuple(int(x) for x in str(r).split(",")) for r in (args.prompt_len, args.response_len)]
-        build_s, info = timed(lambda: build_store(store, args.samples, lo_hi[0], lo_hi[1], seed=args.seed))  # type: ignore[arg-type]
-        tokens = Path(tmp) / "tokens.json"
-        tokens.write_text(json.dumps({TOKEN: "bench"}))
-        tokens.chmod(0o600)
-        print(f"store: {info['samples']:,} samples, {info['tokens_per_sample']:,.0f} tokens/sample ({build_s:.1f}s)")
+        store, tokens, info = store_and_tokens(Path(tmp), args)
         for limit in limits:
             env = {"LOPD_MAX_CONCURRENT_READS": str(limit)}
             with lopd_serve(store, tokens, Path(tmp) / f"server-{limit}.log", env) as (url, pid):
