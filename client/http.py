@@ -32,6 +32,7 @@ from lopd.http_contract import (
     READYZ_PATH,
     BatchRequest,
     Column,
+    UnavailableResponse,
     served_columns,
 )
 from lopd.retry import RetryPolicy
@@ -148,8 +149,8 @@ class StoreClient:
         try:
             body = resp.json()
         except ValueError:
-            body = {"status": "unavailable", "problems": [resp.text[:500]]}
-        return body if isinstance(body, dict) else {"status": "unavailable", "problems": [str(body)]}
+            body = UnavailableResponse(problems=[resp.text[:500]]).model_dump()
+        return body if isinstance(body, dict) else UnavailableResponse(problems=[str(body)]).model_dump()
 
     def datasets(self) -> list[DatasetInfo]:
         """Every dataset the server serves, at its latest version."""
