@@ -87,7 +87,7 @@ def cli_errors(extra: str | None = None) -> Iterator[None]:
     except LopdError as e:
         fail(e)
     except OSError as e:  # what the operating system or an object store said: the operator's to fix, not a bug
-        fail(f"{type(e).__name__}: {' '.join(str(e).split())}{_hint(e)}")
+        fail(f"{type(e).__name__}: {' '.join(str(e).split())}{object_store_hint(e)}")
     except ImportError as e:
         module = missing_module(e)
         if module is None:
@@ -98,7 +98,7 @@ def cli_errors(extra: str | None = None) -> Iterator[None]:
         )
 
 
-def _hint(e: OSError) -> str:
+def object_store_hint(e: OSError) -> str:
     """Where to look for an object store's error (the AWS SDK under pyarrow's S3 filesystem says "AWS Error")."""
     if "AWS Error" not in str(e):
         return ""

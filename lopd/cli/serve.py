@@ -19,7 +19,7 @@ import typer
 
 from lopd.errors import LopdError, NotFound
 
-from .params import fail, settings_command
+from .params import fail, object_store_hint, settings_command
 
 if TYPE_CHECKING:
     from lopd.server.api.settings import ServerSettings
@@ -36,7 +36,7 @@ def _check_store(path: StoreDir) -> None:
     try:
         empty = not any(path.iterdir()) if is_object(path) or path.is_dir() else None
     except OSError as e:  # object storage unreachable, bucket missing, no credentials
-        fail(f"cannot list store {path}: {e}; check AWS_ENDPOINT_URL and the credentials")
+        fail(f"cannot list store {path}: {e}{object_store_hint(e)}")
     if empty is None:
         fail(f"store {path} {'is not a directory' if path.exists() else 'does not exist'}; {create}")
     if empty:

@@ -49,6 +49,8 @@ from lopd.storage.manifest import Manifest
 from lopd.storage.reader import Dataset, Store, open_version, read_version_manifest
 from lopd.storage.readers import LEASE_TTL_S, READ_IDLE_S, ReaderLease
 
+from .redaction import redact_store
+
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
@@ -205,8 +207,8 @@ class Catalog:
             return _Scan(problem=self._public(f"store unavailable: {e}"))
 
     def _public(self, message: str) -> str:
-        """`message` with the store's local path replaced by `<store>` (it is served over HTTP)."""
-        return message.replace(str(self.root.resolve()), "<store>").replace(str(self.root), "<store>")
+        """`message` as served over HTTP: the store's location replaced by `<store>`."""
+        return redact_store(message, self.root)
 
     # -- lookup -----------------------------------------------------------------------------
 

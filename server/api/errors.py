@@ -22,6 +22,8 @@ from starlette.types import Send
 from lopd.errors import Corrupt, InvalidInput, LopdError, NotFound, Unauthorized, Unavailable
 from lopd.http_contract import JSON_MEDIA_TYPE, ErrorResponse, ErrorType, error_body
 
+from .redaction import redact_store
+
 log = logging.getLogger(__name__)
 
 
@@ -89,11 +91,7 @@ async def send_error(
 
 def _sanitise(request: Request, message: str) -> str:
     settings = getattr(request.app.state, "settings", None)
-    if settings is not None:
-        for root in {str(settings.store.resolve()), str(settings.store)}:
-            if root not in (".", ""):
-                message = message.replace(root, "<store>")
-    return message
+    return message if settings is None else redact_store(message, settings.store)
 
 
 async def _lopd_error(request: Request, exc: Exception) -> JSONResponse:

@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import re
 
+from lopd.storage.fs import StoreDir
 from lopd.storage.manifest import Manifest, ModelRef
 
 _LOCAL = re.compile(r"^(?:[/\\~]|\.{1,2}(?:[/\\]|$)|[A-Za-z]:[/\\])")  # /abs, ~, ./rel, ../rel, C:\ or \\share
 _SEPARATORS = re.compile(r"[/\\]+")
+
+
+def redact_store(message: str, root: StoreDir) -> str:
+    """`message` with the store's location (as given and resolved) replaced by `<store>`, for an HTTP answer."""
+    for location in {str(root.resolve()), str(root)}:
+        if location not in (".", ""):
+            message = message.replace(location, "<store>")
+    return message
 
 
 def last_component(path: str) -> str:
